@@ -1,0 +1,250 @@
+"""Every knob of a ral_jax run, declared once with its default; `configs/video.py` and `configs/image.py` pick presets.
+
+Presets (the `arg` of `get_config`, e.g. `--config=configs/video.py:grpo`):
+  ''        the embedded default: tiny model, embedded tokenizer, synthetic tasks written into the workdir on
+            first use, SFT warm-up then RAL; about 10 minutes on a 2-core CPU; prints held-out accuracy before
+            and after.
+  paper     the paper's recipe on Qwen2.5-VL-7B (method.md s.6): needs --config.model.hf_checkpoint=DIR and
+            --config.data.train_manifest=Video-R1 JSON (and data.data_root).
+  grpo      lambda_attn = 0 (the GRPO baseline).     ral        GRPO + lambda_attn * RAL (method.md s.3).
+  ral_zero  answer-only prompts, SFT targets without <think>, answer-only format reward (method.md s.4).
+  sft       supervised fine-tuning only.              distill    GRPO + mu * GKD + gamma_attn * attention
+            distillation from a frozen teacher (method.md s.5; Qwen2.5-VL-32B with `paper` sizes).
+  tiny_X    the same recipe X on the tiny model with a few steps, for tests (e.g. `tiny_ral`, `tiny_distill`).
+Overrides on the command line: `--config.rl.lambda_attn=5 --config.train.rl_steps=100`.
+"""
+from ml_collections import ConfigDict
+
+ALGOS = ('sft', 'grpo', 'ral', 'ral_zero', 'distill')
+
+
+def base_config() -> ConfigDict:
+  """All knobs with their defaults (the embedded default's values where a CPU demo needs small numbers)."""
+  c = ConfigDict()
+  c.seed = 0
+  c.algo = 'ral'               # one of ALGOS; selects the loss terms of the RL stage
+
+  # ---- model -----------------------------------------------------------------------------------------
+  c.model = ConfigDict()
+  c.model.preset = 'tiny'      # models.config.PRESETS name; ignored for sizes when hf_checkpoint is set
+  c.model.hf_checkpoint = ''   # local HF Qwen2.5-VL directory (config.json + safetensors); '' = random init
+  c.model.init_checkpoint = '' # an Orbax checkpoint directory of a previous ral_jax run to start from
+  c.model.dtype = ''           # compute dtype override ('' = the preset's): 'float32' | 'bfloat16'
+  c.model.param_dtype = ''     # parameter storage dtype override ('' = the preset's)
+  c.model.remat_policy = ''    # '' = the preset's; 'none' | 'nothing_saveable' | 'dots_saveable' | 'full'
+  c.model.attention_impl = ''  # '' = auto; 'xla' | 'cudnn'
+  c.model.record_layers = (-1,)  # decoder layers whose attention policy RAL trains (method.md s.1: the last)
+
+  # ---- data ------------------------------------------------------------------------------------------
+  c.data = ConfigDict()
+  c.data.source = 'synthetic'  # 'synthetic' (generated into <workdir>/synthetic on first use) | 'manifest'
+  c.data.task = 'video'        # synthetic task family: 'video' | 'image' | 'mixed'
+  c.data.num_train = 512       # synthetic training examples
+  c.data.num_eval = 64         # synthetic held-out examples
+  c.data.synthetic_seed = 1234
+  c.data.difficulty = 1        # synthetic difficulty knob (objects, distractors, frames)
+  c.data.image_size = 56       # synthetic image / frame side in pixels (multiple of 28)
+  c.data.num_frames = 4        # synthetic video frames (even: temporal patch 2)
+  c.data.train_manifest = ''   # manifest file (Video-R1 JSON or JSONL) when source = 'manifest'
+  c.data.eval_manifest = ''
+  c.data.data_root = ''        # media paths in manifests are relative to this
+  c.data.tokenizer = ''        # tokenizer directory; '' = the checkpoint's, else the embedded one
+  c.data.prompt_buckets = (128, 256)   # prompt lengths Tp (left padded)
+  c.data.patch_buckets = (256, 1024)   # vision patches P per example (padded)
+  c.data.max_media = 1         # media items M per example (padded)
+  c.data.fps = 1.0
+  c.data.max_frames = 128
+  c.data.min_pixels = 128 * 28 * 28
+  c.data.max_pixels = 5120 * 28 * 28
+  c.data.video_max_pixels = 128 * 28 * 28
+  c.data.num_workers = 0       # Grain worker processes (0 = in-process)
+  c.data.prefetch = 2
+  c.data.max_bad_fraction = 0.1  # stop when more than this fraction of records is bad
+  c.data.shuffle = True
+
+  # ---- rollout sampling (method.md s.6: temperature 1.0) ----------------------------------------------
+  c.sampling = ConfigDict()
+  c.sampling.temperature = 1.0
+  c.sampling.top_p = 1.0
+  c.sampling.top_k = 0         # 0 = off
+  c.sampling.max_new_tokens = 48   # response bucket Tr
+  c.sampling.dtype = ''        # sampling compute dtype ('' = model dtype)
+
+  # ---- RL objective (method.md s.2-5) -------------------------------------------------------------------
+  c.rl = ConfigDict()
+  c.rl.prompts_per_batch = 8   # prompts per rollout batch (global); rollout batch = prompts_per_batch * G
+  c.rl.group_size = 8          # G samples per prompt
+  c.rl.num_minibatches = 4     # optimizer steps per rollout batch per epoch (method.md s.3 default 4)
+  c.rl.epochs = 1              # passes over each rollout batch
+  c.rl.micro_batches = 1       # gradient accumulation: micro-batches per mini-batch
+  c.rl.lr = 1e-5
+  c.rl.lambda_attn = 1.0       # RAL weight (paper: 0.5, 1, 5)
+  c.rl.beta = 0.04             # KL(pi_theta || pi_ref) weight
+  c.rl.kl_estimator = 'k3'     # 'k1' | 'k2' | 'k3'
+  c.rl.clip_eps_low = 0.2
+  c.rl.clip_eps_high = 0.2
+  c.rl.dual_clip = 0.0         # 0 = off; else the dual-clip constant c > 1
+  c.rl.aggregation = 'token_mean'  # 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum' | 'drgrpo'
+  c.rl.attn_aggregation = ''   # '' = same as aggregation
+  c.rl.rows = 'response'       # 'response' (the response tokens' own rows; paper) | 'producing'
+  c.rl.advantage = 'grpo'      # 'grpo' | 'drgrpo' | 'rloo'
+  c.rl.adv_eps = 1e-6
+  c.rl.reward = 'default'      # reward registry name (0.9 accuracy + 0.1 format)
+  c.rl.accuracy_weight = 0.9
+  c.rl.format_weight = 0.1
+  c.rl.format = 'think'        # 'think' (<think>..</think><answer>..</answer>) | 'answer_only' (RAL-zero)
+  c.rl.logprob_chunk = 0       # >0: compute token log-probs in chunks of this many positions
+
+  # ---- distillation (method.md s.5) ---------------------------------------------------------------------
+  c.distill = ConfigDict()
+  c.distill.teacher_preset = 'tiny'
+  c.distill.teacher_checkpoint = ''   # HF directory of the teacher; '' = random init from teacher_seed
+  c.distill.teacher_seed = 7
+  c.distill.mu = 1.0           # GKD weight
+  c.distill.gamma_attn = 0.5   # attention-distillation weight (paper: 0.05, 0.5, 1)
+  c.distill.kd_estimator = 'full'  # 'full' (reverse KL over the vocabulary) | 'sampled'
+  c.distill.attention = True   # False gives the "GRPO + GKD" baseline row
+
+  # ---- SFT (warm-up stage and the `sft` preset) ---------------------------------------------------------
+  c.sft = ConfigDict()
+  c.sft.batch_size = 8
+  c.sft.lr = 5e-6
+  c.sft.micro_batches = 1
+
+  # ---- optimizer (shared by both stages) -----------------------------------------------------------------
+  c.optim = ConfigDict()
+  c.optim.schedule = 'cosine'  # 'cosine' (warm-up + cosine to end_lr_ratio * lr) | 'constant' (warm-up + flat)
+  c.optim.warmup_steps = 2     # in optimizer steps
+  c.optim.end_lr_ratio = 0.1
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.grad_clip = 1.0      # global-norm clip; 0 = off
+  c.optim.freeze = ('visual',)  # top-level parameter subtrees with no gradient and no optimizer state
+
+  # ---- schedule of the run -------------------------------------------------------------------------------
+  c.train = ConfigDict()
+  c.train.sft_steps = 30       # SFT warm-up steps (outer steps); 0 = none
+  c.train.rl_steps = 30        # RL steps (one rollout batch each); 0 = none
+  c.train.log_every = 1
+  c.train.eval_every = 0       # held-out accuracy every E outer steps (0 = only before and after)
+  c.train.eval_examples = 64   # held-out examples (greedy decoding)
+  c.train.eval_batch = 32
+  c.train.export_hf = True     # write the final policy as an HF directory to <workdir>/hf_export
+  c.train.stop_after = 0       # >0: stop (as if preempted) after this many outer steps; for tests
+
+  # ---- checkpoints ---------------------------------------------------------------------------------------
+  c.checkpoint = ConfigDict()
+  c.checkpoint.every = 10      # save every K outer steps (and at the end, and on SIGTERM)
+  c.checkpoint.keep = 2        # keep the N most recent
+  c.checkpoint.async_save = True
+
+  # ---- device mesh ---------------------------------------------------------------------------------------
+  c.mesh = ConfigDict()
+  c.mesh.shape = (-1, 1, 1)    # ('data', 'fsdp', 'tensor'); one -1 takes the remaining devices
+  c.mesh.axis_names = ('data', 'fsdp', 'tensor')
+  c.mesh.rules = ()            # logical-axis rules ((name, mesh axes), ...); () = ral_jax.sharding defaults
+  return c
+
+
+def apply_algo(c: ConfigDict, algo: str) -> ConfigDict:
+  """Sets the loss terms and prompt format of one recipe; sizes are left alone."""
+  if algo not in ALGOS:
+    raise ValueError(f'unknown algo {algo!r}; choose one of {ALGOS}')
+  c.algo = algo
+  if algo == 'grpo':
+    c.rl.lambda_attn = 0.0
+  elif algo == 'ral_zero':
+    c.rl.format = 'answer_only'
+  elif algo == 'sft':
+    c.train.rl_steps = 0
+  elif algo == 'distill':
+    c.rl.lambda_attn = 0.0
+  return c
+
+
+def apply_tiny(c: ConfigDict) -> ConfigDict:
+  """A few steps of the tiny model: the shape of a test run (seconds on CPU)."""
+  c.model.preset = 'tiny'
+  c.data.num_train = 24
+  c.data.num_eval = 8
+  c.data.prompt_buckets = (128,)
+  c.data.patch_buckets = (64,)
+  c.data.image_size = 56
+  c.data.num_frames = 2
+  c.sampling.max_new_tokens = 12
+  c.rl.prompts_per_batch = 2
+  c.rl.group_size = 4
+  c.rl.num_minibatches = 2
+  c.sft.batch_size = 4
+  c.optim.warmup_steps = 1
+  c.train.sft_steps = 2 if c.algo in ('sft', 'ral', 'ral_zero') else 0
+  c.train.rl_steps = 0 if c.algo == 'sft' else 2
+  c.train.eval_examples = 4
+  c.train.eval_batch = 4
+  c.train.export_hf = False
+  c.checkpoint.every = 2
+  c.checkpoint.async_save = False
+  c.distill.teacher_preset = 'tiny'
+  c.mesh.shape = (2, 1, 1)     # a divisor of the 8 fake test devices; every tiny batch is even
+  return c
+
+
+def apply_paper(c: ConfigDict) -> ConfigDict:
+  """Qwen2.5-VL-7B with the paper's recipe (method.md s.6); sizes the paper leaves open use method.md defaults."""
+  c.model.preset = 'qwen2_5_vl_7b'
+  c.model.dtype = 'bfloat16'
+  c.model.remat_policy = 'nothing_saveable'
+  c.data.source = 'manifest'
+  c.data.prompt_buckets = (1024, 2048, 4096, 8192)
+  c.data.patch_buckets = (4096, 16384, 32768)
+  c.sampling.max_new_tokens = 1024
+  c.rl.prompts_per_batch = 64
+  c.rl.group_size = 8
+  c.rl.num_minibatches = 4
+  c.rl.lr = 1e-5
+  c.sft.lr = 5e-6
+  c.sft.batch_size = 64
+  c.optim.schedule = 'constant'
+  c.optim.warmup_steps = 10
+  c.optim.weight_decay = 0.01
+  if c.algo == 'sft':          # stage 1: Video-R1-COT-165k, one epoch of 64-example batches
+    c.train.sft_steps, c.train.rl_steps = 2580, 0
+  else:                        # stage 2 is its own run, started from the stage-1 export (model.hf_checkpoint)
+    c.train.sft_steps, c.train.rl_steps = 0, 800   # 51.2k prompts / 64 per batch, one epoch
+  c.train.eval_every = 100
+  c.train.eval_examples = 256
+  c.train.eval_batch = 64
+  c.checkpoint.every = 50
+  c.checkpoint.keep = 3
+  c.distill.teacher_preset = 'qwen2_5_vl_32b'
+  c.mesh.shape = (1, -1, 1)
+  return c
+
+
+def apply_embedded_default(c: ConfigDict) -> ConfigDict:
+  """The ~10-minute 2-core-CPU demo: SFT warm-up then RAL on synthetic tasks."""
+  return c
+
+
+def get_config_for(task: str, arg: str = '') -> ConfigDict:
+  """Builds the config of preset `arg` ('' | X | tiny_X | paper_X; X in ALGOS) for synthetic task family `task`."""
+  c = base_config()
+  c.data.task = task
+  arg = (arg or '').strip()
+  tiny = arg.startswith('tiny')
+  paper = arg.startswith('paper')
+  algo = arg.split('_', 1)[1] if (tiny or paper) and '_' in arg else ('' if tiny or paper else arg)
+  algo = algo or 'ral'
+  if algo not in ALGOS:
+    raise ValueError(f'unknown preset {arg!r}; choose one of: "" (embedded default), paper, tiny, '
+                     f'{", ".join(ALGOS)}, tiny_<algo>, paper_<algo>')
+  apply_algo(c, algo)
+  if tiny:
+    apply_tiny(c)
+  elif paper:
+    apply_paper(c)
+  else:
+    apply_embedded_default(c)
+  return c

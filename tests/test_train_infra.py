@@ -1,0 +1,108 @@
+"""Optimizer, train state, checkpoints and metric writers (no model needed)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ral_jax import checkpoint as ckpt
+from ral_jax import metrics as metrics_lib
+from ral_jax import optim
+from ral_jax.run_config import OptimConfig
+from ral_jax.train_state import TrainState, all_finite
+
+
+def _params():
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  return {'params': {'visual': {'w': jax.random.normal(k[0], (3, 5))},
+                     'model': {'w': jax.random.normal(k[1], (5, 7)), 'b': jnp.zeros((7,))},
+                     'lm_head': {'kernel': jax.random.normal(k[2], (7, 11))}}}
+
+
+def test_schedule_warmup_then_cosine_to_end():
+  cfg = OptimConfig(lr=1.0, warmup_steps=4, total_steps=14, end_lr_ratio=0.1)
+  s = optim.learning_rate_schedule(cfg)
+  np.testing.assert_allclose([float(s(k)) for k in range(4)], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(float(s(9)), 0.1 + 0.9 * 0.5, rtol=1e-6)  # half way through the decay
+  np.testing.assert_allclose(float(s(14)), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(float(s(100)), 0.1, rtol=1e-6)
+  c = optim.learning_rate_schedule(OptimConfig(lr=2.0, warmup_steps=2, schedule='constant'))
+  np.testing.assert_allclose([float(c(k)) for k in (0, 1, 5, 500)], [1.0, 2.0, 2.0, 2.0])
+
+
+def test_frozen_subtree_has_no_state_and_no_update():
+  params = _params()
+  tx = optim.make_optimizer(OptimConfig(lr=0.1, warmup_steps=0, grad_clip=1.0))
+  state = TrainState.create(params, tx, jax.random.PRNGKey(1))
+  leaves_with_visual_shape = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, 'shape', None) == (3, 5)]
+  assert not leaves_with_visual_shape, 'the frozen vision subtree must have no optimizer state'
+  grads = jax.tree.map(jnp.ones_like, params)
+  new = state.apply_gradients(grads, tx)
+  np.testing.assert_array_equal(new.params['params']['visual']['w'], params['params']['visual']['w'])
+  assert not np.allclose(new.params['params']['model']['w'], params['params']['model']['w'])
+  assert int(new.step) == 1
+
+
+def test_clip_uses_trainable_norm_only():
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  grads['params']['visual']['w'] = 1e6 * grads['params']['visual']['w']
+  n = optim.trainable_global_norm(grads)
+  np.testing.assert_allclose(float(n), np.sqrt(5 * 7 + 7 + 7 * 11), rtol=1e-6)
+
+
+def test_all_finite():
+  assert bool(all_finite(_params()))
+  p = _params()
+  p['params']['model']['b'] = p['params']['model']['b'].at[0].set(jnp.nan)
+  assert not bool(all_finite(p))
+
+
+def test_checkpoint_round_trip_with_data_state_and_ref(tmp_path):
+  params = _params()
+  tx = optim.make_optimizer(OptimConfig(lr=0.1))
+  state = TrainState.create(params, tx, jax.random.PRNGKey(3))
+  state = state.apply_gradients(jax.tree.map(jnp.ones_like, params), tx)
+  ck = ckpt.Checkpointer(str(tmp_path), every=2, keep=2, async_save=True)
+  meta = {'outer_step': 4, 'stage': 'rl', 'data_state': {'rl': {'next_index': 17}, 'sft': b'\x00\x01raw'}}
+  assert ck.save(4, state, meta, ref=params)
+  ck.wait()
+  assert ck.latest_step() == 4
+  template = TrainState.create(_params(), tx, jax.random.PRNGKey(9))
+  got, ref, meta2 = ck.restore(4, template, ref_like=params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  assert meta2['data_state'] == meta['data_state'] and meta2['stage'] == 'rl'
+  ck.close()
+
+
+def test_checkpoint_refuses_non_finite_and_keeps_n(tmp_path):
+  params = _params()
+  tx = optim.make_optimizer(OptimConfig(lr=0.1))
+  state = TrainState.create(params, tx, jax.random.PRNGKey(3))
+  ck = ckpt.Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
+  for s in (1, 2, 3):
+    assert ck.save(s, state, {'outer_step': s})
+  bad = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+  assert not ck.save(4, bad, {'outer_step': 4})
+  ck.wait()
+  assert ck.manager.all_steps() == [2, 3]
+  ck.close()
+
+
+def test_metrics_writers(tmp_path):
+  w = metrics_lib.MetricsWriter(str(tmp_path), total_steps=3, enabled=True)
+  w.write(1, {'loss': jnp.float32(0.5), 'reward': 1.0, 'n': jnp.int32(3)}, stage='rl')
+  w.advance(1, 'rl')
+  w.write(2, {'loss': float('nan')}, stage='rl')
+  w.close()
+  lines = [json.loads(x) for x in open(tmp_path / 'metrics.jsonl')]
+  assert lines[0] == {'step': 1, 'stage': 'rl', 'loss': 0.5, 'reward': 1.0, 'n': 3}
+  assert np.isnan(lines[1]['loss'])
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tb'))
+  with pytest.raises(ValueError, match='scalars'):
+    metrics_lib.to_host({'x': jnp.zeros(3)})
