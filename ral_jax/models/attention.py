@@ -1,0 +1,143 @@
+"""Decoder self-attention of Qwen2.5-VL (GQA, q/k/v bias, M-RoPE) and the attention record of method.md s.1.
+
+Shapes: x [B,T,D]; q [B,T,N,H]; k, v [B,S,K,H] with N = K * G (GQA groups G). Slots: query t of a sequence sits
+at key slot t (no cache) or at slot index[b] + t (KV cache); a key j is visible to query slot i iff
+key_valid[b, j] and j <= i (causal, self included), exactly as transformers' eager attention with a padding mask.
+
+Two computations share the projected, rotated q and k:
+- the layer output, always through `jax.nn.dot_product_attention` (implementation=cfg.attention_impl: XLA on CPU,
+  cuDNN on GPU when asked), softmax scale 1/sqrt(H);
+- the record (only when `record_rows` is given), see `attention_record`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ral_jax.models.layers import DenseGeneral
+from ral_jax.models.rope import apply_rope
+
+_NEG = -1e30  # finite "minus infinity" for float32 logits (keeps fully masked rows NaN-free)
+
+
+def visibility_mask(key_valid, q_slot):
+  """key_valid [B,S] bool, q_slot [B,T] int -> [B,1,T,S] bool: key j visible to query t iff valid and j <= slot."""
+  s = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
+  return key_valid[:, None, None, :] & (s[None, None, None, :] <= q_slot[:, None, :, None])
+
+
+def attention_record(q, k, key_valid, rows, *, chunk: int, with_heads: bool = False):
+  """Head-averaged attention policy rows (method.md Eq. 2) of one layer, in float32.
+
+  q [B,T,N,H] (rotated queries), k [B,S,K,H] (rotated keys, S == T), key_valid [B,S] bool, rows [B,R] int32
+  (query positions; < 0 marks an unused row). For row r of example b with t = rows[b,r]:
+    alpha[n, j] = softmax_j( q[b,t,n] . k[b,j,n//G] / sqrt(H) ) over visible keys j (valid, j <= t)
+    a[j]        = mean_n alpha[n, j]
+    policy[b,r,j] = a[j] / sum_{i<t} a[i]  for j < t (and 0 at j >= t, at padding keys, and for unused rows;
+                    a row whose earlier keys are all padding, e.g. t = 0, is all zeros).
+  Computed in chunks of `chunk` rows under `lax.map`, each chunk under `jax.checkpoint`, so the forward keeps only
+  the [B,R,S] result (plus one chunk's [B,N,chunk,S] while it runs); gradients reach q and k.
+  Returns (policy [B,R,S] f32, heads [B,N,R,S] f32 or None). `heads` holds the raw per-head post-softmax alpha
+  (self weight included, not renormalised): for visualisation.
+  """
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = N // K
+  R = rows.shape[1]
+  C = max(1, min(chunk, R))
+  n_chunks = -(-R // C)
+  rows_p = jnp.pad(rows.astype(jnp.int32), ((0, 0), (0, n_chunks * C - R)), constant_values=-1)
+  rows_c = rows_p.reshape(B, n_chunks, C).transpose(1, 0, 2)          # [nC,B,C]
+  scale = 1.0 / math.sqrt(H)
+  j = jnp.arange(S, dtype=jnp.int32)
+
+  def one_chunk(r):                                                   # r [B,C]
+    qc = jnp.take_along_axis(q, jnp.clip(r, 0, T - 1)[:, :, None, None], axis=1)   # [B,C,N,H]
+    qc = qc.reshape(B, C, K, G, H)
+    logits = jnp.einsum('bckgh,bskh->bkgcs', qc, k, preferred_element_type=jnp.float32) * scale
+    visible = key_valid[:, None, :] & (j[None, None, :] <= r[:, :, None])          # [B,C,S]
+    vis5 = visible[:, None, None]
+    logits = jnp.where(vis5, logits.astype(jnp.float32), _NEG)
+    logits = logits - jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.where(vis5, jnp.exp(logits), 0.0)
+    alpha = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)            # [B,K,G,C,S]
+    a = jnp.mean(alpha, axis=(1, 2))                                                # [B,C,S]
+    earlier = visible & (j[None, None, :] < r[:, :, None]) & (r[:, :, None] >= 0)
+    a = jnp.where(earlier, a, 0.0)
+    denom = jnp.sum(a, axis=-1, keepdims=True)
+    policy = jnp.where(denom > 0, a / jnp.where(denom > 0, denom, 1.0), 0.0)
+    if not with_heads:
+      return policy, None
+    heads = jnp.where((r >= 0)[:, None, :, None], alpha.reshape(B, N, C, S), 0.0)
+    return policy, heads
+
+  policy, heads = jax.lax.map(jax.checkpoint(one_chunk), rows_c)    # [nC,B,C,S], [nC,B,N,C,S]
+  policy = policy.transpose(1, 0, 2, 3).reshape(B, n_chunks * C, S)[:, :R]
+  if heads is not None:
+    heads = heads.transpose(1, 2, 0, 3, 4).reshape(B, N, n_chunks * C, S)[:, :, :R]
+  return policy, heads
+
+
+def write_cache(cache, new, index):
+  """cache [B,Smax,...], new [B,T,...], index [B] int32 -> cache with new[b] written at slots index[b]..+T."""
+  def one(c, n, i):
+    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i,) + (0,) * (c.ndim - 1))
+  return jax.vmap(one)(cache, new, index)
+
+
+class Attention(nn.Module):
+  """GQA self-attention. Params: q_proj kernel [D,N,H] bias [N,H]; k_proj/v_proj kernel [D,K,H] bias [K,H];
+  o_proj kernel [N,H,D] (no bias)."""
+  cfg: Any
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cos, sin, key_valid, q_slot, *, kv_cache=None, cache_index=None, record_rows=None,
+               record_heads: bool = False, causal_fast: bool = True):
+    """x [B,T,D]; cos/sin [B,T,H]; key_valid [B,S] bool or None = all valid (S = T, or the cache length with the new tokens already
+    marked); q_slot [B,T] int32 slots of the queries; kv_cache (k [B,Smax,K,H], v) or None; cache_index [B].
+    Returns (out [B,T,D], new kv_cache or None, record dict or None)."""
+    cfg = self.cfg
+    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = DenseGeneral((N, H), ('embed',), ('heads', 'head_dim'), use_bias=True, name='q_proj', **kw)(x)
+    k = DenseGeneral((K, H), ('embed',), ('kv_heads', 'head_dim'), use_bias=True, name='k_proj', **kw)(x)
+    v = DenseGeneral((K, H), ('embed',), ('kv_heads', 'head_dim'), use_bias=True, name='v_proj', **kw)(x)
+    q = nn.with_logical_constraint(apply_rope(q, cos, sin), ('activation_batch', 'activation_length',
+                                                              'activation_heads', None))
+    k = nn.with_logical_constraint(apply_rope(k, cos, sin), ('activation_batch', 'activation_length',
+                                                              'activation_kv_heads', None))
+    v = nn.with_logical_constraint(v, ('activation_batch', 'activation_length', 'activation_kv_heads', None))
+    record = None
+    if kv_cache is not None:
+      if record_rows is not None:
+        raise ValueError('the attention record is not available with a KV cache: run a full forward (cache=None)')
+      k_all = write_cache(kv_cache[0], k, cache_index)
+      v_all = write_cache(kv_cache[1], v, cache_index)
+      new_cache = (k_all, v_all)
+      out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                         mask=visibility_mask(key_valid, q_slot), implementation=cfg.attention_impl)
+    else:
+      new_cache = None
+      if causal_fast:   # slots are 0..T-1: causal flag + key padding mask [B,1,1,S]
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
+      else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=visibility_mask(key_valid, q_slot),
+                                           implementation=cfg.attention_impl)
+      if record_rows is not None:
+        if key_valid is None:
+          key_valid = jnp.ones(k.shape[:2], bool)
+        policy, heads = attention_record(q, k, key_valid, record_rows, chunk=cfg.record_chunk,
+                                         with_heads=record_heads)
+        record = {'policy': policy}
+        if record_heads:
+          record['heads'] = heads
+    out = nn.with_logical_constraint(out, ('activation_batch', 'activation_length', 'activation_heads', None))
+    y = DenseGeneral((x.shape[-1],), ('heads', 'head_dim'), ('embed',), name='o_proj', **kw)(out)
+    return y, new_cache, record

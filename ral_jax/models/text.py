@@ -1,0 +1,176 @@
+"""The Qwen2.5-VL language decoder: token embedding, a stack of L decoder layers, final RMSNorm.
+
+Layer stack. All L layers' parameters live in ONE stacked pytree `params['model']['layers']`, each leaf with a
+leading L axis (logical name 'layers'), whatever `cfg.scan_layers` says; the stack is created with a vmapped
+init of `DecoderLayer` and applied with plain JAX: `lax.scan` over slices of the stack (cfg.scan_layers=True) or a
+Python loop over layers (False). Both give the same parameter tree, so checkpoints and hf_io do not depend on it.
+Each layer runs under `jax.checkpoint` with the policy named by `cfg.remat_policy` (see `remat_policy`).
+
+Recorded layers (method.md s.1) pay for the record alone: the stack is cut at each recorded layer l; layers
+[prev, l) run in one scan without the record, layer l runs by itself with `record_rows`, and so on. With the
+default record_layers=(-1,) that is one scan over L-1 layers plus the last layer.
+
+KV cache (decode): see `ral_jax/models/vlm.py` for the cache pytree; here layer i reads and writes slice i of
+cache['k'] / cache['v'] [L,B,Smax,K,H] carried through the scan (in place under donation).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ral_jax.models.attention import Attention, write_cache
+from ral_jax.models.layers import Embed, GatedMLP, RMSNorm, canon_dtype
+from ral_jax.models.rope import mrope_angles
+
+_H_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+
+
+def remat_policy(name: str):
+  """cfg.remat_policy -> (use_remat, jax.checkpoint policy).
+  'none': no rematerialisation; 'nothing_saveable' / 'full': recompute everything in the backward pass, keep only
+  each layer's input; 'dots_saveable': keep matmul outputs; 'dots_with_no_batch_dims_saveable': keep weight matmuls.
+  """
+  cp = jax.checkpoint_policies
+  table = {'none': None, 'nothing_saveable': cp.nothing_saveable, 'full': cp.nothing_saveable,
+           'dots_saveable': cp.dots_saveable,
+           'dots_with_no_batch_dims_saveable': cp.dots_with_no_batch_dims_saveable}
+  if name not in table:
+    raise ValueError(f'cfg.remat_policy={name!r}: choose one of {sorted(table)}')
+  return name != 'none', table[name]
+
+
+class DecoderLayer(nn.Module):
+  """h + attn(input_layernorm(h)), then h + mlp(post_attention_layernorm(h)) (pre-norm Qwen2 block)."""
+  cfg: Any
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, cos, sin, key_valid, q_slot, kv_cache=None, cache_index=None, record_rows=None,
+               record_heads: bool = False, causal_fast: bool = True):
+    cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = RMSNorm(cfg.rms_norm_eps, name='input_layernorm', **kw)(h)
+    a, new_cache, rec = Attention(cfg, name='self_attn', **kw)(
+        x, cos, sin, key_valid, q_slot, kv_cache=kv_cache, cache_index=cache_index, record_rows=record_rows,
+        record_heads=record_heads, causal_fast=causal_fast)
+    h = h + a
+    x = RMSNorm(cfg.rms_norm_eps, name='post_attention_layernorm', **kw)(h)
+    h = h + GatedMLP(cfg.intermediate_size, name='mlp', **kw)(x)
+    return nn.with_logical_constraint(h, _H_AXES), new_cache, rec
+
+
+def _add_layer_axis(tree):
+  def fix(x):
+    if isinstance(x, nn.LogicallyPartitioned):
+      return x.replace(names=('layers',) + tuple(x.names))
+    return x
+  return jax.tree.map(fix, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def normalize_layers(layers: Sequence[int], num_layers: int) -> Tuple[int, ...]:
+  """(-1,) -> (L-1,); sorted, unique, checked."""
+  out = []
+  for l in layers:
+    m = l + num_layers if l < 0 else l
+    if not 0 <= m < num_layers:
+      raise ValueError(f'record_layers entry {l} outside [-{num_layers}, {num_layers})')
+    out.append(m)
+  return tuple(sorted(set(out)))
+
+
+class TextModel(nn.Module):
+  """Params: embed_tokens.embedding [V,D]; layers.* (stacked, leading L); norm.scale [D]."""
+  cfg: Any
+
+  def setup(self):
+    cfg = self.cfg
+    self.dt, self.pdt = canon_dtype(cfg.dtype), canon_dtype(cfg.param_dtype)
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dt, param_dtype=self.pdt)
+    self.layers = self.param('layers', self._init_stack)
+    self.norm = RMSNorm(cfg.rms_norm_eps, dtype=self.dt, param_dtype=self.pdt)
+
+  def _layer(self) -> DecoderLayer:
+    # parent=None: an unbound module applied functionally to one slice of the stacked parameters.
+    return DecoderLayer(self.cfg, dtype=self.dt, param_dtype=self.pdt, parent=None)
+
+  def _init_stack(self, rng):
+    cfg = self.cfg
+    B, T, H = 1, 1, cfg.head_dim
+    h = jnp.zeros((B, T, cfg.hidden_size), self.dt)
+    cs = jnp.zeros((B, T, H), jnp.float32)
+    valid, slot = jnp.ones((B, T), bool), jnp.zeros((B, T), jnp.int32)
+    init_one = lambda r: self._layer().init(r, h, cs, cs, valid, slot)['params']
+    return _add_layer_axis(jax.vmap(init_one)(jax.random.split(rng, cfg.num_hidden_layers)))
+
+  def embed(self, input_ids):
+    return self.embed_tokens(input_ids)
+
+  def __call__(self, h, positions, attention_mask=None, *, record_rows=None, record_layers=(-1,),
+               record_heads: bool = False, cache: Optional[Dict[str, Any]] = None):
+    """h [B,T,D] input embeddings; positions [3,B,T]; attention_mask [B,T] (1 real, 0 pad) or None (all real).
+    Returns (final-normed hidden [B,T,D], record {layer: {...}}, new cache or None)."""
+    cfg = self.cfg
+    B, T, _ = h.shape
+    L = cfg.num_hidden_layers
+    cos, sin = mrope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+    stack = self.layers
+    use_remat, policy = remat_policy(cfg.remat_policy)
+
+    def make_fn(rows_given: bool, with_cache: bool, causal_fast: bool):
+      def fn(p, h, key_valid, q_slot, kv, idx, rows):
+        return self._layer().apply({'params': p}, h, cos, sin, key_valid, q_slot, kv_cache=kv, cache_index=idx,
+                                   record_rows=rows, record_heads=record_heads, causal_fast=causal_fast)
+      return jax.checkpoint(fn, policy=policy) if use_remat else fn
+
+    take = lambda tree, a, b: jax.tree.map(lambda x: x[a:b], tree)
+    records = {}
+    if cache is None:
+      key_valid = None if attention_mask is None else attention_mask.astype(bool)
+      q_slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      plain = make_fn(False, False, True)
+      recd = make_fn(True, False, True)
+      rec_layers = normalize_layers(record_layers, L) if record_rows is not None else ()
+      start = 0
+      for stop in rec_layers + (L,):
+        if stop > start:
+          if cfg.scan_layers:
+            body = lambda hh, p: (plain(p, hh, key_valid, q_slot, None, None, None)[0], None)
+            h, _ = jax.lax.scan(body, h, take(stack, start, stop))
+          else:
+            for i in range(start, stop):
+              h = plain(jax.tree.map(lambda x: x[i], stack), h, key_valid, q_slot, None, None, None)[0]
+        if stop < L:
+          h, _, rec = recd(jax.tree.map(lambda x: x[stop], stack), h, key_valid, q_slot, None, None, record_rows)
+          records[stop] = rec
+        start = stop + 1
+      return self.norm(h), records, None
+
+    if record_rows is not None:
+      raise ValueError('record_rows needs cache=None: the record comes from a full forward, not from decoding')
+    index = cache['index'].astype(jnp.int32)
+    am = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+    key_valid = write_cache(cache['mask'], am, index)
+    q_slot = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    step = make_fn(False, True, False)
+
+    def body(carry, xs):
+      hh, kc, vc = carry
+      p, i = xs
+      kv = (jax.lax.dynamic_index_in_dim(kc, i, keepdims=False), jax.lax.dynamic_index_in_dim(vc, i, keepdims=False))
+      hh, (k_new, v_new), _ = step(p, hh, key_valid, q_slot, kv, index, None)
+      kc = jax.lax.dynamic_update_index_in_dim(kc, k_new, i, 0)
+      vc = jax.lax.dynamic_update_index_in_dim(vc, v_new, i, 0)
+      return (hh, kc, vc), None
+
+    carry = (h, cache['k'], cache['v'])
+    if cfg.scan_layers:
+      carry, _ = jax.lax.scan(body, carry, (stack, jnp.arange(L, dtype=jnp.int32)))
+    else:
+      for i in range(L):
+        carry, _ = body(carry, (jax.tree.map(lambda x: x[i], stack), i))
+    h, kc, vc = carry
+    new_cache = {'k': kc, 'v': vc, 'mask': key_valid, 'index': index + T}
+    return self.norm(h), records, new_cache

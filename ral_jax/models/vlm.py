@@ -1,0 +1,152 @@
+"""Qwen2.5-VL in Flax Linen: vision tower ('visual'), language decoder ('model'), lm_head. Pure `apply`.
+
+Usage (INTERFACES.md "Model"):
+  model = Qwen25VL(cfg)
+  params = init_params(cfg, rng)                       # decoder + lm_head (+ 'visual' with vision_inputs=...)
+  vis = model.apply({'params': params}, pixel_values, vision_meta, method=Qwen25VL.encode_vision)   # [B,Nv,D]
+  out = model.apply({'params': params}, input_ids, positions, attention_mask, visual_embeds=vis,
+                    record_rows=rows, record_layers=(-1,), record_heads=False, return_hidden=False, cache=None)
+  out.logits [B,T,V] f32 | out.hidden [B,T,D] | out.record {layer: {'policy' [B,R,S], 'heads' [B,N,R,S]}} |
+  out.cache (decode only)
+
+Visual embeddings: the k-th token of example b whose id is image_token_id or video_token_id takes
+visual_embeds[b, k] (cumulative-count gather, static shapes); all other tokens take the embedding table.
+
+Parameter tree (param_dtype; logical axis names in brackets; L layers, N/K/H heads, F mlp, V vocab):
+  visual/...                                       VisionTower (models/vision.py; see its docstring)
+  model/embed_tokens/embedding      [V,D]          ('vocab','embed')
+  model/layers/input_layernorm/scale          [L,D]      ('layers','norm')
+  model/layers/self_attn/q_proj/kernel        [L,D,N,H]  ('layers','embed','heads','head_dim')
+  model/layers/self_attn/q_proj/bias          [L,N,H]    ('layers','heads','head_dim')
+  model/layers/self_attn/k_proj/kernel        [L,D,K,H]  ('layers','embed','kv_heads','head_dim')  (v_proj same)
+  model/layers/self_attn/k_proj/bias          [L,K,H]    ('layers','kv_heads','head_dim')          (v_proj same)
+  model/layers/self_attn/o_proj/kernel        [L,N,H,D]  ('layers','heads','head_dim','embed')  (no bias)
+  model/layers/post_attention_layernorm/scale [L,D]      ('layers','norm')
+  model/layers/mlp/gate_proj/kernel           [L,D,F]    ('layers','embed','mlp')    (up_proj same)
+  model/layers/mlp/down_proj/kernel           [L,F,D]    ('layers','mlp','embed')
+  model/norm/scale                  [D]            ('norm',)
+  lm_head/kernel                    [D,V]          ('embed','vocab')   absent when cfg.tie_word_embeddings
+HF mapping: HF `model.layers.{i}.self_attn.q_proj.weight` [N*H, D] = kernel[i].reshape(D, N*H).T;
+`.bias` [N*H] = bias[i].reshape(-1); o_proj.weight [D, N*H] = kernel[i].reshape(N*H, D).T; mlp weights [out,in]
+are kernel[i].T; norms' `.weight` = scale; `model.embed_tokens.weight` = embedding; `lm_head.weight` = kernel.T.
+The layer stack is the same pytree with or without cfg.scan_layers.
+
+KV cache pytree (decode; `init_cache(cfg, B, S_max, dtype)`), slot j holds sequence position j of the row:
+  {'k': [L,B,S_max,K,H] dtype, 'v': [L,B,S_max,K,H] dtype,
+   'mask': [B,S_max] bool   slot holds a real token (written from attention_mask),
+   'index': [B] int32       next slot to write (the same for all rows when they step together)}
+Prefill: call with the left-padded prompt [B,Tp] (its attention_mask, positions [3,B,Tp]) and a fresh cache: slots
+0..Tp-1 are written, out.cache['index'] = Tp. Step: input_ids [B,1], positions [3,B,1] (= next_pos + step),
+attention_mask [B,1] (1, or 0 for a token that later queries must ignore); writes slot index[b] and advances it.
+Query at slot i attends to slots j <= i with mask[j]. Decoding logits equal the full forward's at the same positions.
+Donate the cache to the jitted step (`lax.while_loop` carries it).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ral_jax.models.layers import DenseGeneral, canon_dtype
+from ral_jax.models.text import TextModel
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  logits: Optional[jax.Array] = None     # [B,T,V] float32 (None when return_hidden)
+  hidden: Optional[jax.Array] = None     # [B,T,D] final-normed (when return_hidden)
+  record: Dict[int, Dict[str, jax.Array]] = flax.struct.field(default_factory=dict)
+  cache: Optional[Dict[str, jax.Array]] = None
+
+
+def init_cache(cfg, batch: int, max_len: int, dtype=None) -> Dict[str, jax.Array]:
+  """Empty KV cache (see module docstring). dtype defaults to cfg.dtype."""
+  dt = canon_dtype(dtype or cfg.dtype)
+  shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+  return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt), 'mask': jnp.zeros((batch, max_len), bool),
+          'index': jnp.zeros((batch,), jnp.int32)}
+
+
+def scatter_visual(embeds, input_ids, visual_embeds, image_token_id: int, video_token_id: int):
+  """embeds [B,T,D], input_ids [B,T], visual_embeds [B,Nv,D] -> embeds with the k-th vision pad token of each row
+  replaced by visual_embeds[b,k] (k counted from 0 over image and video pad tokens together)."""
+  is_vis = (input_ids == image_token_id) | (input_ids == video_token_id)
+  k = jnp.cumsum(is_vis.astype(jnp.int32), axis=1) - 1
+  k = jnp.clip(k, 0, visual_embeds.shape[1] - 1)
+  gathered = jnp.take_along_axis(visual_embeds.astype(embeds.dtype), k[:, :, None], axis=1)
+  return jnp.where(is_vis[:, :, None], gathered, embeds)
+
+
+def lm_head_kernel(params, cfg) -> jax.Array:
+  """The [D,V] output projection: the transposed embedding when tied, else params['lm_head']['kernel']."""
+  if cfg.tie_word_embeddings:
+    return params['model']['embed_tokens']['embedding'].T
+  return params['lm_head']['kernel']
+
+
+class Qwen25VL(nn.Module):
+  cfg: Any
+
+  def setup(self):
+    cfg = self.cfg
+    self.dt, self.pdt = canon_dtype(cfg.dtype), canon_dtype(cfg.param_dtype)
+    try:
+      from ral_jax.models.vision import VisionTower   # owned by models/vision.py
+    except ImportError as e:                          # decoder-only use still works
+      self._vision_error = e
+    else:
+      self.visual = VisionTower(cfg.vision, self.dt, self.pdt)
+    self.model = TextModel(cfg)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = DenseGeneral((cfg.vocab_size,), ('embed',), ('vocab',), dtype=self.dt, param_dtype=self.pdt)
+
+  def encode_vision(self, pixel_values, vision_meta):
+    """pixel_values [B,P,patch_dim], vision_meta (models.vision_inputs) -> visual_embeds [B,Nv,D]."""
+    if not hasattr(self, 'visual'):
+      raise ImportError(f'ral_jax.models.vision.VisionTower is unavailable: {self._vision_error}')
+    return self.visual(pixel_values, vision_meta)
+
+  def logits_from_hidden(self, hidden):
+    """hidden [B,T,D] -> logits [B,T,V] float32 (matmul in the compute dtype, float32 accumulation)."""
+    if self.cfg.tie_word_embeddings:
+      w = self.model.embed_tokens.embedding
+      return jnp.einsum('btd,vd->btv', hidden.astype(self.dt), w.astype(self.dt), preferred_element_type=jnp.float32)
+    return self.lm_head(hidden).astype(jnp.float32)
+
+  def __call__(self, input_ids, positions, attention_mask=None, visual_embeds=None, record_rows=None,
+               record_layers: Sequence[int] = (-1,), record_heads: bool = False, return_hidden: bool = False,
+               cache=None) -> ModelOutput:
+    """input_ids [B,T] int32; positions [3,B,T] int32; attention_mask [B,T] (1 real) or None; visual_embeds
+    [B,Nv,D] or None; record_rows [B,R] int32 (query positions, < 0 = unused row) or None; cache: see module doc."""
+    cfg = self.cfg
+    if positions.shape != (3,) + input_ids.shape:
+      raise ValueError(f'positions shape {positions.shape} != (3,) + input_ids.shape {(3,) + input_ids.shape}')
+    h = self.model.embed(input_ids)
+    if visual_embeds is not None:
+      h = scatter_visual(h, input_ids, visual_embeds, cfg.image_token_id, cfg.video_token_id)
+    hidden, record, new_cache = self.model(h, positions, attention_mask, record_rows=record_rows,
+                                           record_layers=tuple(record_layers), record_heads=record_heads, cache=cache)
+    if return_hidden:
+      return ModelOutput(hidden=hidden, record=record, cache=new_cache)
+    return ModelOutput(logits=self.logits_from_hidden(hidden), record=record, cache=new_cache)
+
+
+def init_params(cfg, rng, vision_inputs=None, boxed: bool = False):
+  """Random parameters. Without vision_inputs: 'model' and 'lm_head' only (the decoder); with
+  vision_inputs=(pixel_values, vision_meta): also 'visual'. boxed=True keeps flax LogicallyPartitioned leaves."""
+  model = Qwen25VL(cfg)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  pos = jnp.zeros((3, 1, 1), jnp.int32)
+
+  def fn(m):
+    out = m(ids, pos)
+    if vision_inputs is not None:
+      m.encode_vision(*vision_inputs)
+    return out
+
+  variables = model.init(rng, method=fn)
+  params = variables['params']
+  return params if boxed else nn.meta.unbox(params)
