@@ -1,0 +1,120 @@
+"""Answer extraction and per-problem-type matching (host Python on strings; never raises on any str).
+
+Video-R1 problem types and how an extracted answer is compared with the ground truth (both normalised alike):
+  'multiple choice'  the option letter: "B", "b", "B.", "(B)", "B) text", "B: text", "Option B" all mean B; when the
+                     answer carries no letter but equals one option's text (options like "A. red car"), that option's
+                     letter. Score 1 or 0.
+  'numerical'        compared as numbers ("3" == "3.0" == "3.00", "1,000" == "1000", "50%" == "50"); equal when
+                     |a - b| <= 1e-6 * max(1, |b|). The first number in the text is used when it is not a bare number.
+                     Score 1 or 0.
+  'OCR', 'free-form' case-folded, whitespace-collapsed exact match, one trailing period ignored. Score 1 or 0.
+  'regression'       mean relative accuracy (VSI-Bench MRA, as Video-R1 uses): the fraction of the thresholds
+                     theta in {0.50, 0.55, ..., 0.95} with |a - b| / |b| < 1 - theta (for b == 0: |a| < 1 - theta).
+                     Partial credit in [0, 1]; 0 when either side is not a number.
+Unknown problem types fall back to the free-form rule. Type names are matched case-insensitively with '-', '_' and
+spaces treated alike ('multiple_choice' == 'Multiple Choice').
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Sequence
+
+OPEN, CLOSE = '<answer>', '</answer>'
+MRA_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
+
+_LETTER = re.compile(r'^(?:option\s*|answer\s*[:：]?\s*)?\(?\s*([A-Za-z])\s*(?:[).:：,]|\s|$)', re.IGNORECASE)
+_NUMBER = re.compile(r'[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?')
+_THOUSANDS = re.compile(r'(?<=\d),(?=\d{3}(?!\d))')
+
+
+def extract_answer(text: str) -> Optional[str]:
+  """Stripped content of the last closed <answer>...</answer> pair (the last '<answer>' before the last '</answer>'
+  that closes it); None when there is no closed pair. Nested or unclosed tags never raise."""
+  if not isinstance(text, str):
+    return None
+  close = text.rfind(CLOSE)
+  start = text.rfind(OPEN, 0, max(close, 0))
+  if close < 0 or start < 0:
+    return None
+  end = text.find(CLOSE, start + len(OPEN))
+  return text[start + len(OPEN):end].strip()
+
+
+def ground_truth(solution: str) -> str:
+  """Video-R1 solutions look like '<answer>B</answer>'; plain strings pass through stripped."""
+  if not isinstance(solution, str):
+    solution = '' if solution is None else str(solution)
+  got = extract_answer(solution)
+  return solution.strip() if got is None else got
+
+
+def canonical_type(problem_type: str) -> str:
+  t = re.sub(r'[\s_\-]+', ' ', str(problem_type or '')).strip().lower()
+  return {'multiple choice': 'multiple choice', 'mc': 'multiple choice', 'numerical': 'numerical',
+          'numeric': 'numerical', 'ocr': 'ocr', 'free form': 'free-form', 'regression': 'regression'}.get(t, 'free-form')
+
+
+def normalize_text(s: str) -> str:
+  s = ' '.join(s.casefold().split())
+  return s[:-1].rstrip() if s.endswith('.') else s
+
+
+def choice_letter(answer: str, options: Sequence[str] = ()) -> Optional[str]:
+  """'B', 'B.', '(B)', 'B) text', 'Option B' -> 'B'; an option's text -> its letter; else None. A lone lowercase
+  word starting with a letter ('a cat') is not read as a letter unless followed by ')' '.' or ':'."""
+  s = answer.strip()
+  m = _LETTER.match(s)
+  if m and (s[m.start(1)].isupper() or len(s) == m.end(1) - m.start(0) or s[m.end(1):m.end(1) + 1] in ').:：'):
+    return m.group(1).upper()
+  target = normalize_text(s)
+  for i, opt in enumerate(options or ()):
+    if not isinstance(opt, str):
+      continue
+    om = _LETTER.match(opt.strip())
+    letter, text = (om.group(1).upper(), opt.strip()[om.end():]) if om else (chr(ord('A') + i), opt)
+    if target and normalize_text(text) == target:
+      return letter
+  return None
+
+
+def parse_number(s: str) -> Optional[float]:
+  """The answer as a float ('1,000' -> 1000, '50%' -> 50, '$3.5' -> 3.5), else the first number in it, else None."""
+  t = _THOUSANDS.sub('', s.strip()).strip().rstrip('%').lstrip('$').strip()
+  try:
+    v = float(t)
+  except (ValueError, OverflowError):
+    m = _NUMBER.search(t)
+    if not m:
+      return None
+    try:
+      v = float(m.group(0))
+    except (ValueError, OverflowError):
+      return None
+  return v if math.isfinite(v) else None
+
+
+def mean_relative_accuracy(pred: float, truth: float) -> float:
+  err = abs(pred - truth) / abs(truth) if truth != 0 else abs(pred)
+  if not math.isfinite(err):
+    return 0.0
+  return sum(err < 1.0 - th for th in MRA_THRESHOLDS) / len(MRA_THRESHOLDS)
+
+
+def answer_score(answer: Optional[str], solution: str, problem_type: str, options: Sequence[str] = ()) -> float:
+  """Accuracy in [0, 1] of an extracted answer against the ground truth (rules in the module docstring)."""
+  if answer is None:
+    return 0.0
+  truth = ground_truth(solution)
+  kind = canonical_type(problem_type)
+  if kind == 'multiple choice':
+    want = choice_letter(truth, options)
+    return float(want is not None and choice_letter(answer, options) == want)
+  if kind in ('numerical', 'regression'):
+    a, b = parse_number(answer), parse_number(truth)
+    if a is None or b is None:
+      return 0.0
+    if kind == 'regression':
+      return mean_relative_accuracy(a, b)
+    return float(abs(a - b) <= 1e-6 * max(1.0, abs(b)))
+  return float(normalize_text(answer) == normalize_text(truth))
