@@ -1,0 +1,110 @@
+"""Image and video loading: Pillow images (any mode -> RGB) and PyAV video sampled at a target fps.
+
+Video frame sampling (the qwen-vl-utils rule, restated): with N decodable frames at native rate r,
+  n = N / r * fps                                 (frames at the target fps over the whole clip)
+  n = clamp(n, min_frames, min(max_frames, N)),   then floored to an even number (temporal patch of 2)
+  indices = round(linspace(0, N - 1, n))
+  sample_fps = n / N * r,   second_per_grid_t = temporal_patch / sample_fps.
+A clip of a single frame gives n = 1 (the processor repeats it to fill the temporal patch).
+Failures raise BadRecord: 'missing_media' (no such file), 'corrupt_media' (undecodable), 'zero_frames'.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import List, Tuple
+
+import numpy as np
+
+from ral_jax.data.badinput import BadRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoConfig:
+  fps: float = 1.0
+  max_frames: int = 128
+  min_frames: int = 4
+
+  def __post_init__(self):
+    if self.fps <= 0 or self.max_frames < 2 or not 1 <= self.min_frames <= self.max_frames:
+      raise ValueError(f'bad video sampling config {self}: need fps > 0, max_frames >= 2, '
+                       '1 <= min_frames <= max_frames')
+
+
+def _check_exists(path: str) -> None:
+  if not os.path.isfile(path):
+    raise BadRecord('missing_media', f'no such file {path}')
+
+
+def load_image(path: str) -> np.ndarray:
+  """uint8 [H,W,3]; Pillow's convert('RGB') for any other mode, as transformers' convert_to_rgb."""
+  from PIL import Image
+  _check_exists(path)
+  try:
+    with Image.open(path) as img:
+      img.load()
+      rgb = img if img.mode == 'RGB' else img.convert('RGB')
+      arr = np.asarray(rgb, np.uint8)
+  except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+    raise BadRecord('corrupt_media', f'cannot decode image {path}: {e}') from e
+  if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+    raise BadRecord('corrupt_media', f'image {path} has shape {arr.shape}')
+  return arr
+
+
+def sample_indices(num_frames: int, native_fps: float, cfg: VideoConfig) -> np.ndarray:
+  """Indices of the frames to keep (see module docstring)."""
+  n = num_frames / native_fps * cfg.fps
+  n = min(max(n, cfg.min_frames), min(cfg.max_frames, num_frames))
+  n = max(1, 2 * math.floor(n / 2)) if num_frames >= 2 else 1
+  return np.round(np.linspace(0, num_frames - 1, n)).astype(np.int64)
+
+
+def _count_frames(path: str) -> Tuple[int, float]:
+  import av
+  with av.open(path) as c:
+    s = c.streams.video[0]
+    rate = float(s.average_rate or s.guessed_rate or 0) or 1.0
+    n = s.frames or sum(1 for p in c.demux(s) if p.size)
+  return int(n), rate
+
+
+def _decode(path: str, keep: np.ndarray) -> Tuple[List[np.ndarray], int]:
+  """The frames at sorted indices `keep` (repeats allowed) and the number of frames decoded."""
+  import av
+  out, want, i = [], list(keep), 0
+  with av.open(path) as c:
+    s = c.streams.video[0]
+    s.thread_type = 'AUTO'
+    for frame in c.decode(s):
+      if want and want[0] == i:
+        arr = frame.to_ndarray(format='rgb24')
+        while want and want[0] == i:
+          out.append(arr)
+          want.pop(0)
+      i += 1
+      if not want:
+        break
+  return out, i
+
+
+def load_video(path: str, cfg: VideoConfig) -> Tuple[np.ndarray, float]:
+  """(uint8 frames [n,H,W,3], sample_fps)."""
+  import av
+  _check_exists(path)
+  try:
+    total, rate = _count_frames(path)
+    if total <= 0:
+      raise BadRecord('zero_frames', f'video {path} has no frames')
+    keep = sample_indices(total, rate, cfg)
+    frames, decoded = _decode(path, keep)
+    if len(frames) < len(keep):  # the container over-reported its frame count: resample on the true count
+      if decoded == 0:
+        raise BadRecord('zero_frames', f'video {path} has no decodable frames')
+      total = decoded
+      keep = sample_indices(total, rate, cfg)
+      frames, _ = _decode(path, keep)
+  except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:  # IndexError: no video stream
+    raise BadRecord('corrupt_media', f'cannot decode video {path}: {type(e).__name__}: {e}') from e
+  return np.stack(frames), len(keep) / total * rate

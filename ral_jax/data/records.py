@@ -1,0 +1,138 @@
+"""Manifests -> one `Example` record type.
+
+Two formats, picked by file extension:
+  *.json   Video-R1: a JSON list of {problem_id, problem, data_type ('image'|'video'), problem_type, options
+           (['A. ...', ...]), solution ('<answer>B</answer>'), process ('<think>...</think>', COT data only),
+           path, data_source}. answer = text inside <answer></answer> of solution;
+           target = process + solution when process is present.
+  *.jsonl  one JSON object a line: {id, question, options (bare or lettered), answer, problem_type (default
+           'multiple choice' with options, else 'free-form'), images: [paths] | image: path | video: path,
+           target (optional SFT response)}.
+Media paths are relative to `data_root` (default: the manifest's directory); absolute paths are kept.
+A malformed line / record or a missing answer is counted as bad (BadInputCounter) and skipped; an empty or
+unreadable manifest raises DataError naming the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import List, Optional, Sequence, Tuple
+
+from ral_jax.data.badinput import BadInputCounter, BadRecord, DataError
+
+_ANSWER_RE = re.compile(r'<answer>(.*?)</answer>', re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  id: str
+  question: str
+  options: Tuple[str, ...]
+  answer: str
+  problem_type: str
+  media: Tuple[Tuple[str, str], ...]   # ((kind 'image'|'video', absolute path), ...)
+  target: Optional[str] = None          # SFT response text (without the end-of-turn token)
+  source: str = ''                      # manifest file it came from
+  data_source: str = ''
+
+
+def _media_path(root: str, p: str) -> str:
+  return p if os.path.isabs(p) else os.path.normpath(os.path.join(root, p))
+
+
+def _video_r1(rec: dict, root: str, source: str) -> Example:
+  rid = str(rec.get('problem_id', rec.get('id', '')))
+  kind = rec.get('data_type')
+  if kind not in ('image', 'video') or not isinstance(rec.get('path'), str) or not isinstance(rec.get('problem'), str):
+    raise BadRecord('malformed_record', 'Video-R1 record needs problem, path and data_type image|video', rid, source)
+  m = _ANSWER_RE.search(str(rec.get('solution') or ''))
+  if not m or not m.group(1).strip():
+    raise BadRecord('missing_answer', 'solution has no <answer>...</answer>', rid, source)
+  process = rec.get('process')
+  target = f"{process.strip()}{m.group(0)}" if isinstance(process, str) and process.strip() else None
+  return Example(rid, rec['problem'], tuple(str(o) for o in rec.get('options') or ()), m.group(1).strip(),
+                 str(rec.get('problem_type') or 'free-form'), ((kind, _media_path(root, rec['path'])),),
+                 target, source, str(rec.get('data_source') or ''))
+
+
+def _jsonl(rec: dict, root: str, source: str, line: int) -> Example:
+  rid = str(rec.get('id', f'{os.path.basename(source)}:{line}'))
+  if not isinstance(rec.get('question'), str):
+    raise BadRecord('malformed_record', 'record needs a string "question"', rid, source)
+  answer = rec.get('answer')
+  if answer is None or not str(answer).strip():
+    raise BadRecord('missing_answer', 'record has no "answer"', rid, source)
+  images = rec.get('images', [rec['image']] if 'image' in rec else [])
+  if isinstance(images, str):
+    images = [images]
+  media = [('image', _media_path(root, p)) for p in images]
+  if rec.get('video'):
+    media.append(('video', _media_path(root, rec['video'])))
+  if not all(isinstance(p, str) for _, p in media):
+    raise BadRecord('malformed_record', 'media paths must be strings', rid, source)
+  options = tuple(str(o) for o in rec.get('options') or ())
+  ptype = rec.get('problem_type') or ('multiple choice' if options else 'free-form')
+  return Example(rid, rec['question'], options, str(answer).strip(), ptype, tuple(media),
+                 rec.get('target'), source, str(rec.get('data_source', '')))
+
+
+def load_manifest(path: str, counter: BadInputCounter, data_root: Optional[str] = None) -> List[Example]:
+  """All good records of one manifest; bad ones counted in `counter` (the file's bad fraction is checked)."""
+  root = data_root or os.path.dirname(os.path.abspath(path))
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError as e:
+    raise DataError(f'cannot read manifest {path}: {e}') from e
+  out = []
+
+  def add(fn, *args):
+    try:
+      out.append(fn(*args))
+      counter.good(path)
+    except BadRecord as e:
+      counter.bad(e, path, check=False)
+
+  if path.endswith('.json'):
+    try:
+      recs = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as e:
+      raise DataError(f'manifest {path} is not valid JSON: {e}') from e
+    if not isinstance(recs, list):
+      raise DataError(f'Video-R1 manifest {path} must hold a JSON list of records')
+    for rec in recs:
+      add(_checked(_video_r1), rec, root, path)
+  elif path.endswith('.jsonl'):
+    for i, line in enumerate(text.splitlines()):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        rec = BadRecord('malformed_record', f'line {i + 1} is not JSON: {e}', f'line {i + 1}', path)
+      add(_checked(_jsonl), rec, root, path, i + 1)
+  else:
+    raise DataError(f'manifest {path}: unknown format, use .json (Video-R1) or .jsonl')
+  if counter.seen_by_source[path] == 0:
+    raise DataError(f'manifest {path} is empty')
+  counter.check(path, final=True)
+  if not out:
+    raise DataError(f'manifest {path} has no usable record')
+  return out
+
+
+def _checked(fn):
+  """Parsers get non-dict records / JSON errors turned into 'malformed_record'."""
+  def wrapped(rec, root, source, *rest):
+    if isinstance(rec, BadRecord):
+      raise rec
+    if not isinstance(rec, dict):
+      raise BadRecord('malformed_record', f'record is a {type(rec).__name__}, not an object', '', source)
+    return fn(rec, root, source, *rest)
+  return wrapped
+
+
+def load_manifests(paths: Sequence[str], counter: BadInputCounter, data_root: Optional[str] = None) -> List[Example]:
+  return [ex for p in paths for ex in load_manifest(p, counter, data_root)]
