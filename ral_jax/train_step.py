@@ -1,0 +1,207 @@
+"""Pure, jittable step functions: scoring pass, RL mini-batch updates, SFT update, teacher scoring.
+
+Batch-major arrays (N sequences, rows b*G+g; T = Tp + Tr; R = Tr recorded rows; S = T keys):
+  ModelInputs  input_ids [N,T] i32, positions [N,3,T] i32 (batch-major; the model takes [3,N,T]),
+               attention_mask [N,T] i32, visual_embeds [N,Nv,D] (vision tower output, computed once) or None.
+  RLBatch      (rl/objective.py) response_ids, response_mask, advantages, old/ref log-probs, old/teacher policy.
+Tp and Tr are static (read from the shapes), so each prompt bucket compiles once.
+
+Conventions:
+- Mini-batches and micro-batches are strided slices of the batch: row i of N belongs to mini-batch i mod n. With
+  the batch sharded over ('data', 'fsdp'), `split_rows` keeps each slice evenly sharded.
+- One RL call (`rl_update`) runs epochs x num_minibatches optimizer steps (lax.scan); each optimizer step averages
+  the gradients of its micro-batches (each micro-batch loss aggregated on its own, e.g. token-mean per micro-batch).
+- A non-finite loss or gradient skips that optimizer step (state unchanged, `skipped` counts it).
+- The vision tower never appears inside a differentiated function, so its gradient is zero and its optimizer
+  transform (set_to_zero) keeps it frozen.
+- SFT loss: token-mean cross-entropy -log pi(y_t) over valid target tokens (temperature 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from ral_jax.models.vlm import Qwen25VL, lm_head_kernel
+from ral_jax.rl.aggregation import masked_mean
+from ral_jax.rl.attention_loss import record_rows
+from ral_jax.rl.config import ObjectiveConfig
+from ral_jax.rl.logprobs import response_slice, token_stats_from_hidden
+from ral_jax.rl.objective import RLBatch, loss_from_hidden
+from ral_jax.train_state import TrainState, all_finite, select_tree
+
+
+@flax.struct.dataclass
+class ModelInputs:
+  input_ids: jax.Array
+  positions: jax.Array
+  attention_mask: jax.Array
+  visual_embeds: Optional[jax.Array] = None
+
+
+def split_rows(tree, n: int):
+  """Leaves [N,...] -> [n, N/n, ...] with row i in slice i mod n (None leaves stay None)."""
+  def f(x):
+    if x.shape[0] % n:
+      raise ValueError(f'batch of {x.shape[0]} rows does not split into {n} equal slices')
+    y = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+    return jnp.swapaxes(y, 0, 1)
+  return jax.tree.map(f, tree)
+
+
+def merge_rows(tree):
+  """Inverse of split_rows: [n, N/n, ...] -> [N, ...]."""
+  return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:]), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static settings of the step functions (hashable; closed over by jit)."""
+  model_cfg: Any
+  objective: ObjectiveConfig
+  rows: str = 'response'
+  record_layer: int = -1
+  num_minibatches: int = 1
+  epochs: int = 1
+  micro_batches: int = 1          # per RL mini-batch
+  score_micro_batches: int = 1    # chunks of the scoring pass
+  sft_micro_batches: int = 1
+  record: bool = True             # the attention policy is needed (lambda_attn > 0 or attention distillation)
+
+  @property
+  def model(self):
+    return Qwen25VL(self.model_cfg)
+
+
+def forward(sc: StepConfig, params, x: ModelInputs, response_len: int, record: bool, model_cfg=None):
+  """-> (hidden of the states predicting the response [N,Tr,D], attention policy [N,Tr,S] or None)."""
+  cfg = model_cfg or sc.model_cfg
+  n, t = x.input_ids.shape
+  tp = t - response_len
+  rows = record_rows(n, tp, response_len, sc.rows) if record else None
+  out = Qwen25VL(cfg).apply({'params': params}, x.input_ids, jnp.swapaxes(x.positions, 0, 1), x.attention_mask,
+                            visual_embeds=x.visual_embeds, record_rows=rows, record_layers=(sc.record_layer,),
+                            return_hidden=True)
+  policy = next(iter(out.record.values()))['policy'] if record else None
+  return response_slice(out.hidden, tp, response_len), policy
+
+
+def score(sc: StepConfig, params, ref_params, x: ModelInputs, response_ids, need_ref: bool):
+  """Scoring pass (no grad): old log-probs [N,Tr], old attention policy [N,Tr,S] (or None), reference log-probs
+  [N,Tr] (or None), in `score_micro_batches` chunks."""
+  obj = sc.objective
+  tr = response_ids.shape[1]
+
+  def one(chunk):
+    xc, ids = chunk
+    h, pol = forward(sc, params, xc, tr, sc.record)
+    lp = token_stats_from_hidden(h, lm_head_kernel(params, sc.model_cfg), ids, obj.logprob_chunk, obj.temperature,
+                                 with_entropy=False).logprobs
+    out = {'old_logprobs': lp}
+    if pol is not None:
+      out['old_policy'] = pol
+    if need_ref:
+      hr, _ = forward(sc, ref_params, xc, tr, False)
+      out['ref_logprobs'] = token_stats_from_hidden(hr, lm_head_kernel(ref_params, sc.model_cfg), ids,
+                                                    obj.logprob_chunk, obj.temperature, with_entropy=False).logprobs
+    return out
+
+  out = merge_rows(jax.lax.map(one, split_rows((x, response_ids), sc.score_micro_batches)))
+  out = jax.lax.stop_gradient(out)
+  return out['old_logprobs'], out.get('old_policy'), out.get('ref_logprobs')
+
+
+def teacher_score(sc: StepConfig, teacher_cfg, teacher_params, x: ModelInputs, response_ids, with_policy: bool):
+  """Teacher-forced teacher on the student's rollouts: response hidden [N,Tr,Dt] and attention rows (or None).
+  `x.visual_embeds` must come from the teacher's own vision tower."""
+  tr = response_ids.shape[1]
+  h, pol = forward(sc, teacher_params, x, tr, with_policy, model_cfg=teacher_cfg)
+  return jax.lax.stop_gradient(h), (None if pol is None else jax.lax.stop_gradient(pol))
+
+
+def _accumulate(loss_fn: Callable, params, micro, n_micro: int):
+  """Mean loss, grads and metrics over the leading (micro-batch) axis of `micro` (scan over micro-batches)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  first = lambda m: jax.tree.map(lambda v: v[0], m)
+  (loss, metrics), grads = grad_fn(params, first(micro))
+  if n_micro == 1:
+    return loss, grads, metrics
+
+  def body(acc, mb):
+    (l, m), g = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, acc, (l, g, m)), None
+
+  rest = jax.tree.map(lambda v: v[1:], micro)
+  acc, _ = jax.lax.scan(body, (loss, grads, metrics), rest)
+  return jax.tree.map(lambda v: v / n_micro, acc)
+
+
+def _guarded_apply(state: TrainState, tx, loss, grads, metrics):
+  ok = jnp.isfinite(loss) & all_finite(grads)
+  new = state.apply_gradients(grads, tx)
+  state = select_tree(ok, new, state)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads), skipped=1.0 - ok.astype(jnp.float32))
+  return state, metrics
+
+
+def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBatch, teacher_hidden=None,
+              teacher_kernel=None) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """epochs x num_minibatches optimizer steps on one scored rollout batch; metrics averaged over the steps, plus
+  'first/...' and 'last/...' copies of the RAL JSD (0 at the first step by construction, method.md s.3)."""
+  tr = batch.response_ids.shape[1]
+  obj = sc.objective
+
+  def loss_fn(params, mb):
+    xm, bm, th = mb
+    h, pol = forward(sc, params, xm, tr, sc.record)
+    return loss_from_hidden(obj, bm, h, lm_head_kernel(params, sc.model_cfg), pol, th,
+                            None if th is None else teacher_kernel)
+
+  def minibatch_step(st, mb):
+    micro = split_rows(mb, sc.micro_batches)
+    loss, grads, metrics = _accumulate(loss_fn, st.params, micro, sc.micro_batches)
+    return _guarded_apply(st, tx, loss, grads, metrics)
+
+  mbs = split_rows((x, batch, teacher_hidden), sc.num_minibatches)
+
+  def epoch(st, _):
+    return jax.lax.scan(minibatch_step, st, mbs)
+
+  state, metrics = jax.lax.scan(epoch, state, None, length=sc.epochs)
+  flat = jax.tree.map(lambda v: v.reshape(-1), metrics)          # [epochs * num_minibatches]
+  out = {k: jnp.mean(v) for k, v in flat.items()}
+  out['skipped'] = jnp.sum(flat['skipped'])
+  for k in ('ral/jsd', 'loss'):
+    if k in flat:
+      out[f'first/{k}'], out[f'last/{k}'] = flat[k][0], flat[k][-1]
+  return state, out
+
+
+def sft_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, response_ids, response_mask):
+  """One optimizer step of token-mean cross-entropy on the target responses (micro-batch accumulation)."""
+  tr = response_ids.shape[1]
+
+  def loss_fn(params, mb):
+    xm, ids, mask = mb
+    h, _ = forward(sc, params, xm, tr, False)
+    lp = token_stats_from_hidden(h, lm_head_kernel(params, sc.model_cfg), ids, sc.objective.logprob_chunk, 1.0,
+                                 with_entropy=False).logprobs
+    loss = -masked_mean(lp, mask)
+    acc = masked_mean((lp > jnp.log(0.5)).astype(jnp.float32), mask)
+    return loss, {'loss': loss, 'token_p>0.5': acc}
+
+  micro = split_rows((x, response_ids, response_mask), sc.sft_micro_batches)
+  loss, grads, metrics = _accumulate(loss_fn, state.params, micro, sc.sft_micro_batches)
+  state, metrics = _guarded_apply(state, tx, loss, grads, metrics)
+  metrics['tokens'] = jnp.sum(response_mask).astype(jnp.float32)
+  return state, metrics
+
+
+def encode_vision(model_cfg, params, pixel_values, vision_meta):
+  """visual_embeds [B,Nv,D] of the frozen tower (no gradient)."""
+  vis = Qwen25VL(model_cfg).apply({'params': params}, pixel_values, vision_meta, method=Qwen25VL.encode_vision)
+  return jax.lax.stop_gradient(vis)
