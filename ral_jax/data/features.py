@@ -1,0 +1,114 @@
+"""One `Example` -> the unpadded arrays of one training example (runs inside Grain workers).
+
+Output dict (ok record):
+  prompt_ids [L] int32          chat prompt with every vision pad expanded to its merged-token count
+  positions [3,L] int32         models.positions.rope_index over the (unpadded) prompt
+  pixel_values [N,patch_dim] f32  all media patches, in media order (processor order inside each item)
+  grid_thw [m,3] int32, media_kind [m] int32 (1 image, 2 video), second_per_grid_t [m] f32 (0 for images)
+  target_ids [Lt] int32         (when DataConfig.with_targets) SFT response tokens + the end-of-turn token
+  id, answer, problem_type, options (JSON list), source: str
+A bad record gives {'bad_reason', 'bad_detail', 'id', 'source'} instead (pipeline counts and drops it).
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict
+
+import numpy as np
+
+from ral_jax.data import media, processor, prompts
+from ral_jax.data.badinput import BadRecord
+from ral_jax.data.records import Example
+
+KIND_IDS = {'image': 1, 'video': 2}
+
+
+class ExampleProcessor:
+  """Picklable callable; the tokenizer is loaded lazily in each worker process."""
+
+  def __init__(self, dcfg, mcfg):
+    self.dcfg, self.mcfg = dcfg, mcfg
+    self._tok = None
+    self._ids = None
+
+  def __getstate__(self):
+    return {'dcfg': self.dcfg, 'mcfg': self.mcfg, '_tok': None, '_ids': None}
+
+  @property
+  def tokenizer(self):
+    if self._tok is None:
+      from ral_jax.data import tokenizer
+      self._tok = tokenizer.load_tokenizer(self.dcfg.tokenizer)
+      self._ids = tokenizer.special_ids(self._tok)
+    return self._tok
+
+  def __call__(self, ex: Example) -> Dict:
+    try:
+      return self.process(ex)
+    except BadRecord as e:
+      return {'bad_reason': e.reason, 'bad_detail': e.detail, 'id': ex.id, 'source': ex.source}
+
+  def load_media(self, ex: Example):
+    d = self.dcfg
+    if len(ex.media) > d.max_media:
+      raise BadRecord('media_over_budget', f'{len(ex.media)} media items, max_media is {d.max_media}', ex.id)
+    patches, grids, kinds, spgt = [], [], [], []
+    for kind, path in ex.media:
+      if kind == 'image':
+        p, g = processor.process_image(media.load_image(path), d.processor)
+        sec = 0.0
+      else:
+        frames, sample_fps = media.load_video(path, d.video)
+        p, g = processor.process_video(frames, d.processor)
+        sec = d.processor.temporal_patch_size / sample_fps
+      patches.append(p)
+      grids.append(g)
+      kinds.append(KIND_IDS[kind])
+      spgt.append(sec)
+    n = sum(len(p) for p in patches)
+    if n > max(d.patch_buckets):
+      raise BadRecord('media_over_budget', f'{n} patches > largest patch bucket {max(d.patch_buckets)}', ex.id)
+    dim = d.processor.temporal_patch_size * d.processor.patch_size ** 2 * 3
+    pixels = np.concatenate(patches) if patches else np.zeros((0, dim), np.float32)
+    return (pixels, np.asarray(grids, np.int32).reshape(-1, 3), np.asarray(kinds, np.int32),
+            np.asarray(spgt, np.float32))
+
+  def prompt_ids(self, ex: Example, grids, kinds) -> np.ndarray:
+    d, tok = self.dcfg, self.tokenizer
+    question = prompts.format_question(ex.question, ex.options, ex.problem_type, d.prompt)
+    names = ['image' if k == 1 else 'video' for k in kinds]
+    text = prompts.render_prompt(tok, prompts.build_messages(question, names, d.prompt))
+    ids = tok(text, add_special_tokens=False)['input_ids']
+    counts = [processor.num_merged_tokens(tuple(g), d.processor) for g in grids]
+    try:
+      ids = prompts.expand_vision_pads(ids, (self._ids.image_pad, self._ids.video_pad), counts)
+    except ValueError as e:  # e.g. a literal '<|image_pad|>' inside the question text
+      raise BadRecord('malformed_record', str(e), ex.id) from e
+    if len(ids) > max(d.prompt_buckets):
+      raise BadRecord('prompt_over_budget', f'{len(ids)} prompt tokens > largest prompt bucket '
+                      f'{max(d.prompt_buckets)}', ex.id)
+    return ids.astype(np.int32)
+
+  def target_ids(self, ex: Example) -> np.ndarray:
+    d = self.dcfg
+    if not ex.target:
+      raise BadRecord('missing_target', 'record has no SFT target but with_targets is on', ex.id)
+    text = prompts.strip_think(ex.target) if d.prompt.style == 'answer_only' else ex.target
+    ids = self.tokenizer(text, add_special_tokens=False)['input_ids'] + [self._ids.end_of_turn]
+    if len(ids) > max(d.target_buckets):
+      raise BadRecord('target_over_budget', f'{len(ids)} target tokens > largest target bucket '
+                      f'{max(d.target_buckets)}', ex.id)
+    return np.asarray(ids, np.int32)
+
+  def process(self, ex: Example) -> Dict:
+    from ral_jax.models.positions import rope_index
+    pixels, grids, kinds, spgt = self.load_media(ex)
+    ids = self.prompt_ids(ex, grids, kinds)
+    out = {'prompt_ids': ids,
+           'positions': rope_index(ids, np.ones_like(ids), grids, kinds, spgt, self.mcfg),
+           'pixel_values': pixels, 'grid_thw': grids, 'media_kind': kinds, 'second_per_grid_t': spgt,
+           'id': ex.id, 'answer': ex.answer, 'problem_type': ex.problem_type,
+           'options': json.dumps(list(ex.options)), 'source': ex.source}
+    if self.dcfg.with_targets:
+      out['target_ids'] = self.target_ids(ex)
+    return out

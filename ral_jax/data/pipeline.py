@@ -1,0 +1,129 @@
+"""The Grain input pipeline: manifests -> shuffled, sharded, processed, bucketed batches.
+
+  records (main process, parsed once) -> MapDataset.source -> [shard_index::shard_count] -> shuffle(seed)
+    -> repeat(num_epochs; reshuffled each epoch) -> map(features.ExampleProcessor: media, patches, prompt, tokens,
+    positions) -> to_iter_dataset (read_threads) -> mp_prefetch(num_workers; skipped when 0)
+    -> filter(bad records: counted + logged in the main process) -> batch(batch_size, collate.Collator)
+Sharding is by record index before shuffling: host i of n reads records i, i+n, ...; the shards are disjoint and
+together complete. The iterator's get_state()/set_state() (grain DatasetIterator) restores the exact position; the
+bad-input counts are metrics only and are not part of that state. A record is skipped, never truncated; see
+badinput.py for the reasons and the bad-fraction limit.
+
+Use:
+  data = make_pipeline(DataConfig(manifests=('train.jsonl',), ...), model_cfg)
+  it = iter(data.dataset); batch = next(it); state = it.get_state(); ...; it.set_state(state)
+  data.counter.metrics()  -> {'data/seen', 'data/bad', 'data/bad_fraction', 'data/bad/<reason>'}
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+from ral_jax.data.badinput import BadInputCounter, BadRecord
+from ral_jax.data.collate import Collator
+from ral_jax.data.features import ExampleProcessor
+from ral_jax.data.media import VideoConfig
+from ral_jax.data.processor import ProcessorConfig
+from ral_jax.data.prompts import PromptConfig
+from ral_jax.data.records import load_manifests
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Everything the data pipeline needs. Lengths are buckets: each batch is padded to the smallest bucket that
+  holds its longest example; an example beyond the largest bucket is skipped as over budget."""
+  manifests: Tuple[str, ...] = ()
+  data_root: Optional[str] = None            # media paths relative to this (default: each manifest's directory)
+  tokenizer: str = 'embedded'                # 'embedded' or a local HF tokenizer / checkpoint directory
+  prompt: PromptConfig = PromptConfig()
+  processor: ProcessorConfig = ProcessorConfig()
+  video: VideoConfig = VideoConfig()
+  batch_size: int = 8                        # per host
+  prompt_buckets: Tuple[int, ...] = (512, 1024, 2048, 4096)
+  patch_buckets: Tuple[int, ...] = (1024, 4096, 8192, 20480)
+  target_buckets: Tuple[int, ...] = (256, 512, 1024, 2048)
+  max_media: int = 1                          # M: media items per example
+  with_targets: bool = False                 # SFT: emit target_ids/target_mask; records without target are bad
+  full_chunk: Optional[int] = None           # vision_inputs full-attention chunk (None: P)
+  seed: int = 0
+  num_epochs: Optional[int] = None           # None: repeat forever
+  shard_index: int = 0                       # usually jax.process_index()
+  shard_count: int = 1                       # usually jax.process_count()
+  num_workers: int = 0                       # grain worker processes (0: in-process; tests)
+  read_threads: int = 2                      # threads per process applying the map
+  worker_buffer_size: int = 2
+  max_bad_fraction: float = 0.1
+  bad_min_records: int = 32                  # records of a file seen before the bad fraction is enforced
+  drop_remainder: bool = True
+
+  def __post_init__(self):
+    if not 0 <= self.shard_index < self.shard_count:
+      raise ValueError(f'shard_index {self.shard_index} must be in [0, shard_count={self.shard_count})')
+    if self.batch_size < 1 or self.max_media < 1 or self.num_workers < 0 or self.read_threads < 1:
+      raise ValueError('batch_size, max_media, read_threads must be >= 1 and num_workers >= 0')
+    for name in ('prompt_buckets', 'patch_buckets', 'target_buckets'):
+      if not getattr(self, name) or min(getattr(self, name)) < 1:
+        raise ValueError(f'{name} must be a non-empty tuple of positive lengths')
+
+
+def synthetic_config(manifests, **overrides) -> DataConfig:
+  """The embedded default's data settings (synthetic tasks, tiny model): 112 px images (64 patches), 8-frame
+  56 px videos at 2 fps (64 patches), short buckets, SFT targets on."""
+  kw = dict(manifests=tuple(manifests), batch_size=8, prompt_buckets=(192, 256), patch_buckets=(64, 128),
+            target_buckets=(48, 64), with_targets=True,
+            processor=ProcessorConfig(image_min_pixels=56 * 56, image_max_pixels=112 * 112,
+                                      video_min_pixels=28 * 28, video_max_pixels=56 * 56),
+            video=VideoConfig(fps=2.0, max_frames=8, min_frames=4))
+  kw.update(overrides)
+  return DataConfig(**kw)
+
+
+@dataclasses.dataclass
+class Pipeline:
+  dataset: object             # grain IterDataset of batches; iter() it for a checkpointable iterator
+  counter: BadInputCounter    # bad-input counts for metrics
+  num_records: int            # good records after manifest parsing (this host's shard)
+
+
+class _SkipBad:
+  """Main-process filter: counts good/bad elements (and enforces the bad fraction), drops bad ones."""
+
+  def __init__(self, counter: BadInputCounter):
+    self.counter = counter
+
+  def __call__(self, x) -> bool:
+    if 'bad_reason' in x:
+      self.counter.bad(BadRecord(x['bad_reason'], x['bad_detail'], x['id'], x['source']))
+      return False
+    self.counter.good(x['source'])
+    return True
+
+
+def make_pipeline(dcfg: DataConfig, mcfg) -> Pipeline:
+  """The pipeline for one host. mcfg: models.config.ModelConfig (token ids and vision geometry)."""
+  import grain
+  from ral_jax.data import tokenizer as tokenizer_lib
+  if not dcfg.manifests:
+    raise ValueError('DataConfig.manifests is empty: give at least one .json / .jsonl manifest')
+  if (dcfg.processor.patch_size, dcfg.processor.merge_size, dcfg.processor.temporal_patch_size) != (
+      mcfg.vision.patch_size, mcfg.vision.spatial_merge_size, mcfg.vision.temporal_patch_size):
+    raise ValueError('DataConfig.processor patch geometry differs from the model vision config: build it with '
+                     'ProcessorConfig.from_vision(model_cfg.vision, ...)')
+  ids = tokenizer_lib.check_matches_model(tokenizer_lib.load_tokenizer(dcfg.tokenizer), mcfg)
+  counter = BadInputCounter(dcfg.max_bad_fraction, dcfg.bad_min_records)
+  records = load_manifests(dcfg.manifests, counter, dcfg.data_root)
+  ds = grain.MapDataset.source(records)[dcfg.shard_index::dcfg.shard_count]
+  n = len(ds)
+  if n == 0:
+    raise ValueError(f'shard {dcfg.shard_index} of {dcfg.shard_count} is empty: {len(records)} records are too '
+                     'few for this many hosts')
+  ds = ds.shuffle(seed=dcfg.seed).repeat(dcfg.num_epochs).map(ExampleProcessor(dcfg, mcfg))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=dcfg.read_threads, prefetch_buffer_size=2 * dcfg.batch_size))
+  if dcfg.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=dcfg.num_workers,
+                                                     per_worker_buffer_size=dcfg.worker_buffer_size))
+  it = it.filter(_SkipBad(counter))
+  collate = Collator(ids.pad, dcfg.prompt_buckets, dcfg.patch_buckets, dcfg.target_buckets, dcfg.max_media,
+                     mcfg.vision, dcfg.full_chunk)
+  it = it.batch(dcfg.batch_size, drop_remainder=dcfg.drop_remainder, batch_fn=collate)
+  return Pipeline(it, counter, n)
