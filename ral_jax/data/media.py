@@ -6,7 +6,8 @@ Video frame sampling (the qwen-vl-utils rule, restated): with N decodable frames
   indices = round(linspace(0, N - 1, n))
   sample_fps = n / N * r,   second_per_grid_t = temporal_patch / sample_fps.
 A clip of a single frame gives n = 1 (the processor repeats it to fill the temporal patch).
-Failures raise BadRecord: 'missing_media' (no such file), 'corrupt_media' (undecodable), 'zero_frames'.
+Failures raise BadRecord: 'missing_media' (no such file), 'corrupt_media' (undecodable), 'zero_frames' (no video
+stream, or no decodable frame).
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def sample_indices(num_frames: int, native_fps: float, cfg: VideoConfig) -> np.n
 def _count_frames(path: str) -> Tuple[int, float]:
   import av
   with av.open(path) as c:
+    if not c.streams.video:
+      raise BadRecord('zero_frames', f'{path} has no video stream')
     s = c.streams.video[0]
     rate = float(s.average_rate or s.guessed_rate or 0) or 1.0
     n = s.frames or sum(1 for p in c.demux(s) if p.size)
@@ -105,6 +108,6 @@ def load_video(path: str, cfg: VideoConfig) -> Tuple[np.ndarray, float]:
       total = decoded
       keep = sample_indices(total, rate, cfg)
       frames, _ = _decode(path, keep)
-  except (av.error.FFmpegError, IndexError, ValueError, OSError) as e:  # IndexError: no video stream
+  except (av.error.FFmpegError, ValueError, OSError) as e:
     raise BadRecord('corrupt_media', f'cannot decode video {path}: {type(e).__name__}: {e}') from e
   return np.stack(frames), len(keep) / total * rate

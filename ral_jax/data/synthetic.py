@@ -96,6 +96,8 @@ def _options(rng, texts, correct, knobs):
 
 def make_sample(task: str, split: str, index: int, seed: int, knobs: Knobs) -> Sample:
   """One example: text fields and drawing parameters (no pixels)."""
+  if task not in TASKS or split not in SPLITS:
+    raise ValueError(f'unknown synthetic task {task!r} or split {split!r}; tasks: {TASKS}, splits: {SPLITS}')
   rng = np.random.default_rng([seed, SPLITS.index(split), TASKS.index(task), index])
   sid = f'{split}-{task}-{index:05d}'
   s, o, nd = knobs.image_size, knobs.object_size, knobs.num_distractors
