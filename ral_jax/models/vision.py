@@ -20,7 +20,7 @@ Parameter tree (transformers name -> here):
   merger.ln_q.weight                     -> merger/ln_q/scale [C]
   merger.mlp.0 / merger.mlp.2            -> merger/mlp_0 [4C,4C], merger/mlp_2 [4C,Do] (kernel + bias)
 Logical axis names: 'vision_patch', 'vision_embed' (C), 'vision_heads' (N), 'head_dim', 'vision_mlp' (F),
-'vision_merge' (4C), 'embed' (Do, the LLM width), 'norm'. The tower is frozen: no remat.
+'vision_merge' (4C; the merger's mlp_0 kernel is ('vision_embed', 'vision_merge')), 'embed' (Do), 'norm'. The tower is frozen: no remat.
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ class PatchMerger(nn.Module):
     x = RMSNorm(v.rms_norm_eps, name='ln_q', dtype=self.dtype, param_dtype=self.param_dtype)(x)
     b, p, c = x.shape
     x = x.reshape(b, p // v.merge_unit, v.merge_unit * c)
-    x = DenseGeneral((v.merge_unit * c,), ('vision_merge',), ('vision_merge',), name='mlp_0', **kw)(x)
+    x = DenseGeneral((v.merge_unit * c,), ('vision_embed',), ('vision_merge',), name='mlp_0', **kw)(x)
     x = nn.gelu(x, approximate=False)
     return DenseGeneral((v.out_hidden_size,), ('vision_merge',), ('embed',), name='mlp_2', **kw)(x)
 
