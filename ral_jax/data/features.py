@@ -12,6 +12,7 @@ A bad record gives {'bad_reason', 'bad_detail', 'id', 'source'} instead (pipelin
 from __future__ import annotations
 
 import json
+import threading
 from typing import Dict
 
 import numpy as np
@@ -21,6 +22,7 @@ from ral_jax.data.badinput import BadRecord
 from ral_jax.data.records import Example
 
 KIND_IDS = {'image': 1, 'video': 2}
+_LOAD_LOCK = threading.Lock()  # the map runs in several threads; transformers' lazy imports are not thread-safe
 
 
 class ExampleProcessor:
@@ -36,10 +38,12 @@ class ExampleProcessor:
 
   @property
   def tokenizer(self):
-    if self._tok is None:
-      from ral_jax.data import tokenizer
-      self._tok = tokenizer.load_tokenizer(self.dcfg.tokenizer)
-      self._ids = tokenizer.special_ids(self._tok)
+    with _LOAD_LOCK:
+      if self._tok is None:
+        from ral_jax.data import tokenizer
+        tok = tokenizer.load_tokenizer(self.dcfg.tokenizer)
+        self._ids = tokenizer.special_ids(tok)
+        self._tok = tok
     return self._tok
 
   def __call__(self, ex: Example) -> Dict:

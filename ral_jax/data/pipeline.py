@@ -120,6 +120,9 @@ def make_pipeline(dcfg: DataConfig, mcfg) -> Pipeline:
   ds = ds.shuffle(seed=dcfg.seed).repeat(dcfg.num_epochs).map(ExampleProcessor(dcfg, mcfg))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=dcfg.read_threads, prefetch_buffer_size=2 * dcfg.batch_size))
   if dcfg.num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's worker code reads its absl flags; outside absl.app nobody parsed them
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=dcfg.num_workers,
                                                      per_worker_buffer_size=dcfg.worker_buffer_size))
   it = it.filter(_SkipBad(counter))
