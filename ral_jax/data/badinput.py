@@ -14,6 +14,7 @@ from typing import Dict, Optional
 
 REASONS = ('malformed_record', 'missing_answer', 'missing_target', 'missing_media', 'corrupt_media',
            'zero_frames', 'prompt_over_budget', 'media_over_budget', 'target_over_budget')
+STAGES = ('parse', 'process')
 
 
 class DataError(RuntimeError):
@@ -31,7 +32,10 @@ class BadRecord(Exception):
 
 
 class BadInputCounter:
-  """Thread-safe counts of good and bad records, by reason and by source file."""
+  """Thread-safe counts of bad records by reason, and of records per source file in two stages:
+  parsing (each manifest record once) and processing (each element the pipeline reads, every epoch). The
+  bad-fraction limit is applied to each stage separately: at the end of parsing a file, and while processing once
+  `min_records` elements of the file were read."""
 
   def __init__(self, max_bad_fraction: float = 0.1, min_records: int = 32):
     if not 0.0 <= max_bad_fraction <= 1.0:
@@ -39,49 +43,43 @@ class BadInputCounter:
     self.max_bad_fraction, self.min_records = max_bad_fraction, min_records
     self._lock = threading.Lock()
     self.by_reason: Dict[str, int] = collections.Counter()
-    self.seen_by_source: Dict[str, int] = collections.Counter()
-    self.bad_by_source: Dict[str, int] = collections.Counter()
+    self.seen = {stage: collections.Counter() for stage in STAGES}   # stage -> source -> count
+    self.bad_seen = {stage: collections.Counter() for stage in STAGES}
     self._logged = set()
 
-  def good(self, source: str = '') -> None:
+  def good(self, source: str = '', stage: str = 'process') -> None:
     with self._lock:
-      self.seen_by_source[source] += 1
+      self.seen[stage][source] += 1
 
-  def bad(self, err: BadRecord, source: Optional[str] = None, check: bool = True) -> None:
-    """Counts one skipped record, logs the first of each reason, then applies the bad-fraction limit."""
+  def bad(self, err: BadRecord, source: Optional[str] = None, stage: str = 'process') -> None:
+    """Counts one skipped record, logs the first of each reason; while processing, applies the limit."""
     source = err.source if source is None else source
     with self._lock:
       self.by_reason[err.reason] += 1
-      self.seen_by_source[source] += 1
-      self.bad_by_source[source] += 1
+      self.seen[stage][source] += 1
+      self.bad_seen[stage][source] += 1
       first = err.reason not in self._logged
       self._logged.add(err.reason)
     if first:
       logging.warning('skipping bad record %r from %s (%s); further %r records are counted, not logged',
                       err.record_id, source or '?', err, err.reason)
-    if check:
-      self.check(source)
+    if stage == 'process':
+      self.check(source, stage)
 
-  def check(self, source: str, final: bool = False) -> None:
-    """Raises DataError if more than max_bad_fraction of the records of `source` were bad."""
-    seen, bad = self.seen_by_source[source], self.bad_by_source[source]
-    if (final or seen >= self.min_records) and seen and bad / seen > self.max_bad_fraction:
-      reasons = dict(self.by_reason)
-      raise DataError(f'{bad} of {seen} records of {source} are bad ({reasons}), above max_bad_fraction='
-                      f'{self.max_bad_fraction}: fix the data or raise the limit')
-
-  @property
-  def total_seen(self) -> int:
-    return sum(self.seen_by_source.values())
-
-  @property
-  def total_bad(self) -> int:
-    return sum(self.bad_by_source.values())
+  def check(self, source: str, stage: str = 'process') -> None:
+    """Raises DataError if more than max_bad_fraction of the records of `source` were bad in `stage`."""
+    seen, bad = self.seen[stage][source], self.bad_seen[stage][source]
+    if (stage == 'parse' or seen >= self.min_records) and seen and bad / seen > self.max_bad_fraction:
+      raise DataError(f'{bad} of {seen} records of {source} are bad ({stage} stage; {dict(self.by_reason)}), above '
+                      f'max_bad_fraction={self.max_bad_fraction}: fix the data or raise the limit')
 
   def metrics(self, prefix: str = 'data/') -> Dict[str, float]:
-    """Scalars for the metric writers: seen, bad, bad_fraction and bad/<reason> counts."""
+    """Scalars for the metric writers: records (parsed), seen (processed), bad (both stages), bad_fraction
+    (processing stage) and bad/<reason> counts."""
     with self._lock:
-      seen, bad = self.total_seen, self.total_bad
-      out = {f'{prefix}seen': seen, f'{prefix}bad': bad, f'{prefix}bad_fraction': bad / max(seen, 1)}
+      seen = sum(self.seen['process'].values())
+      out = {f'{prefix}records': sum(self.seen['parse'].values()), f'{prefix}seen': seen,
+             f'{prefix}bad': sum(sum(c.values()) for c in self.bad_seen.values()),
+             f'{prefix}bad_fraction': sum(self.bad_seen['process'].values()) / max(seen, 1)}
       out.update({f'{prefix}bad/{r}': n for r, n in sorted(self.by_reason.items())})
     return out

@@ -91,9 +91,9 @@ def load_manifest(path: str, counter: BadInputCounter, data_root: Optional[str] 
   def add(fn, *args):
     try:
       out.append(fn(*args))
-      counter.good(path)
+      counter.good(path, stage='parse')
     except BadRecord as e:
-      counter.bad(e, path, check=False)
+      counter.bad(e, path, stage='parse')
 
   if path.endswith('.json'):
     try:
@@ -115,9 +115,9 @@ def load_manifest(path: str, counter: BadInputCounter, data_root: Optional[str] 
       add(_checked(_jsonl), rec, root, path, i + 1)
   else:
     raise DataError(f'manifest {path}: unknown format, use .json (Video-R1) or .jsonl')
-  if counter.seen_by_source[path] == 0:
+  if counter.seen['parse'][path] == 0:
     raise DataError(f'manifest {path} is empty')
-  counter.check(path, final=True)
+  counter.check(path, stage='parse')
   if not out:
     raise DataError(f'manifest {path} has no usable record')
   return out
