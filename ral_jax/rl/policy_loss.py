@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import chex
+import jax
 import jax.numpy as jnp
 
 from ral_jax.rl.aggregation import aggregate, as_mask, masked_max, masked_mean
@@ -48,6 +49,7 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, cfg: GRPOConfig = GRPOCo
   """GRPO token loss. logprobs, old_logprobs, ref_logprobs, entropy, mask: [B,T]; advantages [B].
 
   Returns (scalar loss, metrics dict of scalars keyed 'grpo/...'). ref_logprobs may be None only when beta == 0.
+  old_logprobs and ref_logprobs are constants (stop_gradient); only logprobs carries the gradient.
   """
   chex.assert_rank([logprobs, advantages], [2, 1])
   chex.assert_equal_shape([logprobs, old_logprobs, mask])
@@ -58,7 +60,7 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, cfg: GRPOConfig = GRPOCo
                      'grpo.beta=0')
   m = as_mask(mask)
   lp = jnp.where(m, jnp.asarray(logprobs, jnp.float32), 0.0)
-  old = jnp.where(m, jnp.asarray(old_logprobs, jnp.float32), 0.0)
+  old = jnp.where(m, jax.lax.stop_gradient(jnp.asarray(old_logprobs, jnp.float32)), 0.0)
   adv = jnp.asarray(advantages, jnp.float32)[:, None]
 
   ratio = jnp.exp(jnp.clip(lp - old, -_LOG_CLAMP, _LOG_CLAMP))
@@ -69,7 +71,7 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, cfg: GRPOConfig = GRPOCo
   metrics = {}
   if ref_logprobs is not None:
     chex.assert_equal_shape([logprobs, ref_logprobs])
-    ref = jnp.where(m, jnp.asarray(ref_logprobs, jnp.float32), 0.0)
+    ref = jnp.where(m, jax.lax.stop_gradient(jnp.asarray(ref_logprobs, jnp.float32)), 0.0)
     kl = kl_penalty(lp, ref, cfg.kl_estimator)
     metrics['grpo/kl_ref'] = masked_mean(kl, m)
     if cfg.beta > 0:

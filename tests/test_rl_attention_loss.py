@@ -1,0 +1,160 @@
+"""JSD, the RAL term and attention distillation: hand values, properties, direction, padding invariance."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ral_jax.rl.attention_loss import attention_distill_loss, jsd, ral_loss, record_rows, visual_mass
+
+LN2 = 0.6931472
+# P = [1/2, 1/2], Q = [1, 0]: M = [3/4, 1/4]; KL(P||M) = 1/2 ln(2/3) + 1/2 ln 2 = 0.1438410, KL(Q||M) = ln(4/3)
+# = 0.2876821; JSD = 0.2157616.
+JSD_HALF_ONE = 0.2157616
+
+
+def test_jsd_hand_values():
+  p = jnp.array([[1., 0.], [0.5, 0.5], [0.2, 0.8]])
+  q = jnp.array([[0., 1.], [1., 0.], [0.2, 0.8]])
+  np.testing.assert_allclose(jsd(p, q), [LN2, JSD_HALF_ONE, 0.0], rtol=1e-5, atol=1e-7)
+  assert jsd(p.astype(jnp.bfloat16), q).dtype == jnp.float32
+
+
+def test_jsd_zero_with_exactly_zero_gradient_at_equality():
+  p = jnp.array([[0.3, 0.0, 0.7], [0.0, 0.0, 1.0]])
+  assert np.all(np.asarray(jsd(p, p)) == 0.0)
+  g = jax.grad(lambda p: jnp.sum(jsd(p, jax.lax.stop_gradient(p))))(p)
+  assert np.all(np.isfinite(g)) and not np.any(g)
+  # Through a softmax over free logits (how p_theta is produced), with -inf-free large negative logits.
+  z = jnp.array([[0.1, -3.0, 2.0, -40.0]])
+  gz = jax.jit(jax.grad(lambda z: jnp.sum(jsd(jax.nn.softmax(z), jax.lax.stop_gradient(jax.nn.softmax(z))))))(z)
+  assert not np.any(gz)
+
+
+def _dist(n):
+  return st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1.0)), min_size=n, max_size=n).filter(lambda v: sum(v) > 0)
+
+
+_JSD_GRAD = jax.jit(jax.grad(jsd, argnums=(0, 1)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=_dist(5), b=_dist(5))
+def test_jsd_symmetric_bounded_finite_with_zeros(a, b):
+  p = jnp.array(a) / sum(a)
+  q = jnp.array(b) / sum(b)
+  d_pq, d_qp = float(jsd(p, q)), float(jsd(q, p))
+  assert abs(d_pq - d_qp) < 1e-6
+  assert -1e-7 <= d_pq <= LN2 + 1e-6
+  g = _JSD_GRAD(p, q)
+  assert np.all(np.isfinite(g[0])) and np.all(np.isfinite(g[1]))
+
+
+def test_jsd_key_mask_ignores_masked_keys():
+  p = jnp.array([[[0.5, 0.5, 0.3]]])     # mass on the masked key 2 is dropped
+  q = jnp.array([[[1.0, 0.0, 0.9]]])
+  np.testing.assert_allclose(jsd(p, q, jnp.array([[1, 1, 0]])), [[JSD_HALF_ONE]], rtol=1e-5)
+
+
+def _ral_case():
+  # B=2, R=2, S=2. seq 0 (A=+1): rows ([1,0] vs [0,1]) -> ln 2, ([.5,.5] vs same) -> 0.
+  # seq 1 (A=-2): row 0 ([.5,.5] vs [1,0]) -> 0.2157616; row 1 masked.
+  pol = jnp.array([[[1., 0.], [0.5, 0.5]], [[0.5, 0.5], [0.9, 0.1]]])
+  old = jnp.array([[[0., 1.], [0.5, 0.5]], [[1., 0.], [0.1, 0.9]]])
+  return pol, old, jnp.array([1.0, -2.0]), jnp.array([[1, 1], [1, 0]]), jnp.ones((2, 2))
+
+
+def test_ral_loss_hand_values_and_metrics():
+  pol, old, adv, rm, km = _ral_case()
+  loss, m = ral_loss(pol, old, adv, rm, km, visual_key_mask=jnp.array([[1, 0], [0, 1]]))
+  np.testing.assert_allclose(loss, (LN2 - 2 * JSD_HALF_ONE) / 3, rtol=1e-5)
+  np.testing.assert_allclose(m['ral/jsd'], (LN2 + JSD_HALF_ONE) / 3, rtol=1e-5)
+  np.testing.assert_allclose(m['ral/jsd_max'], LN2, rtol=1e-5)
+  np.testing.assert_allclose(m['ral/jsd_pos_adv'], LN2 / 2, rtol=1e-5)
+  np.testing.assert_allclose(m['ral/jsd_neg_adv'], JSD_HALF_ONE, rtol=1e-5)
+  np.testing.assert_allclose(m['ral/frac_rows_pos_adv'], 2 / 3, rtol=1e-6)
+  # visual mass: seq 0 key 0: rows 1.0, 0.5; seq 1 key 1: row 0 0.5 -> mean 2/3; old: 0, .5, 0 -> 1/6.
+  np.testing.assert_allclose(m['ral/visual_mass'], 2 / 3, rtol=1e-6)
+  np.testing.assert_allclose(m['ral/visual_mass_old'], 1 / 6, rtol=1e-6)
+  # seq_mean_token_sum: mean(ln 2, -2 * 0.2157616)
+  loss2, _ = ral_loss(pol, old, adv, rm, km, 'seq_mean_token_sum')
+  np.testing.assert_allclose(loss2, (LN2 - 2 * JSD_HALF_ONE) / 2, rtol=1e-5)
+
+
+def _softmax_rows(z, key_mask):
+  return jax.nn.softmax(jnp.where(key_mask[:, None, :] > 0, z, -1e30), axis=-1)
+
+
+@pytest.mark.parametrize('sign', [1.0, -1.0])
+def test_direction_pull_toward_or_push_away(sign):
+  km = jnp.array([[1, 1, 1, 1, 0]])
+  z_old = jnp.array([[[0.5, -0.2, 1.0, 0.0, 0.0], [2.0, 0.1, -1.0, 0.3, 0.0]]])
+  old = _softmax_rows(z_old, km)
+  z = z_old + jnp.array([[[0.8, -0.5, 0.1, 0.4, 0.0], [-0.6, 0.9, 0.2, -0.3, 0.0]]])
+  rm = jnp.ones((1, 2))
+
+  def loss(z):
+    return ral_loss(_softmax_rows(z, km), old, jnp.array([sign]), rm, km)[0]
+
+  step = jax.jit(lambda z: z - 4.0 * jax.grad(loss)(z))
+  d0 = float(jnp.mean(jsd(_softmax_rows(z, km), old, km)))
+  for _ in range(5):
+    z = step(z)
+  d1 = float(jnp.mean(jsd(_softmax_rows(z, km), old, km)))
+  assert (d1 < 0.5 * d0) if sign > 0 else (d1 > 1.5 * d0), (d0, d1)
+
+
+def test_single_update_gradient_is_exactly_zero_then_not():
+  km = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]])
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4))
+  rm, adv = jnp.array([[1, 1, 1], [1, 1, 0]]), jnp.array([1.3, -0.7])
+  old = _softmax_rows(z, km)
+  grad = jax.jit(jax.grad(lambda z: ral_loss(_softmax_rows(z, km), old, adv, rm, km)[0]))
+  assert not np.any(grad(z))
+  assert np.any(np.abs(grad(z + 0.1 * jax.random.normal(jax.random.PRNGKey(1), z.shape))) > 1e-6)
+
+
+@pytest.mark.parametrize('mode', ['token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum', 'drgrpo'])
+def test_padding_invariance_rows_keys_sequences(mode):
+  pol, old, adv, rm, km = _ral_case()
+  vis = jnp.array([[1, 0], [0, 1]])
+  f = jax.jit(lambda p, o, a, r, k, v: ral_loss(p, o, a, r, k, mode, 6, v))
+  base, mb = f(pol, old, adv, rm, km, vis)
+  # + one padded key (zero weight), + one padded row (NaN), + one padded sequence (NaN, any advantage).
+  pol2 = jnp.pad(pol, ((0, 1), (0, 1), (0, 1)))
+  old2 = jnp.pad(old, ((0, 1), (0, 1), (0, 1)))
+  pol2 = pol2.at[:, 2, :].set(jnp.nan).at[2].set(jnp.nan)
+  rm2, km2 = jnp.pad(rm, ((0, 1), (0, 1))), jnp.pad(km, ((0, 1), (0, 1)))
+  adv2, vis2 = jnp.array([1.0, -2.0, 5.0]), jnp.pad(vis, ((0, 1), (0, 1)))
+  loss, m = f(pol2, old2, adv2, rm2, km2, vis2)
+  np.testing.assert_allclose(loss, base, rtol=1e-6)
+  for k in mb:
+    np.testing.assert_allclose(m[k], mb[k], rtol=1e-6, err_msg=k)
+  g = jax.jit(jax.grad(lambda p: f(p, old2, adv2, rm2, km2, vis2)[0]))(pol2)
+  assert np.all(np.isfinite(g))
+  fd = jax.jit(lambda *a: attention_distill_loss(*a, aggregation=mode, max_len=6)[0])
+  np.testing.assert_allclose(fd(pol2, old2, rm2, km2), fd(pol, old, rm, km), rtol=1e-6)
+
+
+def test_attention_distill_hand_value_teacher_fixed_and_jit():
+  s = jnp.array([[[0.5, 0.5], [1.0, 0.0]]])
+  t = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
+  f = jax.jit(lambda s, t: attention_distill_loss(s, t, jnp.ones((1, 2)), visual_key_mask=jnp.array([[0, 1]])))
+  loss, m = f(s, t)
+  np.testing.assert_allclose(loss, (JSD_HALF_ONE + LN2) / 2, rtol=1e-5)
+  np.testing.assert_allclose(m['attn_distill/visual_mass_teacher'], 0.5)
+  gt = jax.grad(lambda t: f(s, t)[0])(t)
+  assert not np.any(gt)
+
+
+def test_record_rows_visual_mass_and_checks():
+  np.testing.assert_array_equal(record_rows(2, 5, 3), [[5, 6, 7], [5, 6, 7]])
+  np.testing.assert_array_equal(record_rows(1, 5, 3, 'producing'), [[4, 5, 6]])
+  with pytest.raises(ValueError, match='rows'):
+    record_rows(1, 5, 3, 'all')
+  np.testing.assert_allclose(visual_mass(jnp.array([[[0.25, 0.75]]]), jnp.ones((1, 1)), jnp.array([[0, 1]])), 0.75)
+  pol, old, adv, rm, km = _ral_case()
+  with pytest.raises(AssertionError):
+    ral_loss(pol, old[:, :1], adv, rm, km)
+  with pytest.raises(AssertionError):
+    ral_loss(pol, old, adv[:1], rm, km)
