@@ -98,7 +98,7 @@ class Qwen25VL(nn.Module):
     except ImportError as e:                          # decoder-only use still works
       self._vision_error = e
     else:
-      self.visual = VisionTower(cfg.vision, self.dt, self.pdt)
+      self.visual = VisionTower(cfg.vision, self.dt, self.pdt, attention_impl=cfg.attention_impl)
     self.model = TextModel(cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = DenseGeneral((cfg.vocab_size,), ('embed',), ('vocab',), dtype=self.dt, param_dtype=self.pdt)
@@ -147,6 +147,5 @@ def init_params(cfg, rng, vision_inputs=None, boxed: bool = False):
       m.encode_vision(*vision_inputs)
     return out
 
-  variables = model.init(rng, method=fn)
-  params = variables['params']
+  params = jax.jit(lambda r: model.init(r, method=fn)['params'])(rng)
   return params if boxed else nn.meta.unbox(params)

@@ -1,0 +1,142 @@
+"""Device mesh, logical-axis rules and sharding helpers.
+
+One mesh with axes ('data', 'fsdp', 'tensor'), all of AxisType.Auto (GSPMD propagation; `jax.make_mesh` would
+otherwise default to explicit axes). Parameters carry logical axis names (models/layers.py, models/vision.py); the
+rule table below maps each logical name to mesh axes. Default mapping (FSDP over 'fsdp', Megatron-style tensor
+parallelism over 'tensor', batch over ('data', 'fsdp')):
+  batch / activation_batch -> ('data', 'fsdp');  embed, vision_embed -> 'fsdp';
+  vocab, heads, kv_heads, mlp, vision_heads, vision_mlp, vision_merge, activation_{heads,kv_heads,mlp,vocab}
+  -> 'tensor';  layers, norm, head_dim, vision_patch, activation_length, activation_embed -> replicated.
+`logical_rules(overrides)` replaces entries by logical name (config: mesh.rules = ((name, axes), ...)).
+
+A parameter dim whose size the assigned mesh axes do not divide (e.g. the tiny model's 6 heads on tensor=4, or a
+prime vocabulary) is replicated along that dim instead of failing (`fit_spec`); nothing else changes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+AXES = ('data', 'fsdp', 'tensor')
+BATCH = ('data', 'fsdp')
+
+DEFAULT_RULES: Tuple[Tuple[str, Any], ...] = (
+    ('batch', BATCH), ('activation_batch', BATCH),
+    ('embed', 'fsdp'), ('vocab', 'tensor'), ('heads', 'tensor'), ('kv_heads', 'tensor'), ('head_dim', None),
+    ('mlp', 'tensor'), ('layers', None), ('norm', None),
+    ('vision_patch', None), ('vision_embed', 'fsdp'), ('vision_heads', 'tensor'), ('vision_mlp', 'tensor'),
+    ('vision_merge', 'tensor'),
+    ('activation_length', None), ('activation_embed', None), ('activation_heads', 'tensor'),
+    ('activation_kv_heads', 'tensor'), ('activation_mlp', 'tensor'), ('activation_vocab', 'tensor'),
+)
+
+
+def logical_rules(overrides: Iterable[Tuple[str, Any]] = ()) -> Tuple[Tuple[str, Any], ...]:
+  """DEFAULT_RULES with entries replaced (or appended) by name. Axes: None, a mesh axis or a tuple of them."""
+  table = dict(DEFAULT_RULES)
+  for name, axes in overrides:
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    flat = axes if isinstance(axes, tuple) else (axes,)
+    bad = [a for a in flat if a is not None and a not in AXES]
+    if bad:
+      raise ValueError(f'mesh rule for {name!r} names mesh axes {bad}; mesh axes are {AXES}')
+    table[name] = axes
+  return tuple(table.items())
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> jax.sharding.Mesh:
+  """Mesh of shape (data, fsdp, tensor) over `devices` (default all); one entry may be -1 (the rest)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if len(shape) != 3 or sum(s == -1 for s in shape) > 1:
+    raise ValueError(f'mesh shape {tuple(shape)}: give 3 sizes (data, fsdp, tensor), at most one -1')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f'mesh shape {tuple(shape)}: {len(devices)} devices not divisible by {known}')
+    shape[shape.index(-1)] = len(devices) // known
+  n = math.prod(shape)
+  if n > len(devices):
+    raise ValueError(f'mesh shape {tuple(shape)} needs {n} devices, only {len(devices)} present')
+  return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:n])
+
+
+def _axis_size(mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
+  """Drops (replicates) the mesh axes of any dim whose size they do not divide."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  return P(*[e if e is None or shape[i] % _axis_size(mesh, e) == 0 else None for i, e in enumerate(entries)])
+
+
+def logical_to_shardings(boxed_tree, mesh, rules) -> Any:
+  """Tree of flax LogicallyPartitioned (concrete or abstract) leaves -> NamedShardings (unboxed tree structure)."""
+  logical = nn.get_partition_spec(boxed_tree)
+  mesh_specs = nn.logical_to_mesh(logical, rules)
+  shapes = nn.meta.unbox(boxed_tree)
+  is_spec = lambda x: isinstance(x, P)
+  return jax.tree.map(lambda s, a: NamedSharding(mesh, fit_spec(s, a.shape, mesh)), mesh_specs, shapes,
+                      is_leaf=is_spec)
+
+
+def state_shardings(init_fn: Callable[[], Any], mesh, rules) -> Tuple[Any, Any]:
+  """(abstract unboxed state, NamedShardings) of `init_fn()` (which returns boxed leaves), via jax.eval_shape."""
+  abstract = jax.eval_shape(init_fn)
+  return nn.meta.unbox(abstract), logical_to_shardings(abstract, mesh, rules)
+
+
+def init_sharded(init_fn: Callable[[], Any], mesh, rules):
+  """Runs `init_fn` (boxed output) under jit with the state shardings as out_shardings: no host copy."""
+  _, shardings = state_shardings(init_fn, mesh, rules)
+  with nn.logical_axis_rules(rules):
+    return jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+
+
+def model_param_shardings(cfg, mesh, rules, vision_inputs=None):
+  """(abstract params, shardings) of `models.vlm.init_params(cfg, ...)` at full size, at no cost."""
+  from ral_jax.models.vlm import init_params
+  return state_shardings(lambda: init_params(cfg, jax.random.PRNGKey(0), vision_inputs, boxed=True), mesh, rules)
+
+
+def batch_sharding(mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+  """Sharding that splits `batch_axis` over ('data', 'fsdp') and replicates the other dims."""
+  spec = [None] * ndim
+  spec[batch_axis] = BATCH
+  return NamedSharding(mesh, P(*spec))
+
+
+def shard_batch(batch, mesh, batch_axes: Optional[Mapping[str, int]] = None):
+  """Host arrays (process-local slice of the global batch) -> global jax Arrays split over ('data', 'fsdp').
+
+  `batch` is a dict (or any pytree of arrays); the batch dim is axis 0, except for dict keys in `batch_axes`
+  (default {'positions': 1}: M-RoPE positions are [3,B,T]). Multi-host: each process passes its own rows."""
+  axes = {'positions': 1, **(batch_axes or {})}
+
+  def put(path, x):
+    key = path[-1].key if path and hasattr(path[-1], 'key') else None
+    ax = axes.get(key, 0)
+    x = np.asarray(x)
+    if x.shape[ax] % _axis_size(mesh, BATCH) and jax.process_count() == 1:
+      raise ValueError(f'batch entry {key!r} has {x.shape[ax]} rows on axis {ax}, not divisible by the '
+                       f'{_axis_size(mesh, BATCH)} batch shards (data x fsdp) of mesh {dict(mesh.shape)}')
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, ax), x)
+  return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def mesh_context(mesh, rules):
+  """`with mesh_context(mesh, rules):` sets the mesh and the logical rules, so activation constraints apply."""
+  import contextlib
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nn.logical_axis_rules(rules))
+  return stack
