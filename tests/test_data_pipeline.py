@@ -170,3 +170,30 @@ def test_embedded_tokenizer_matches_tiny_preset(tok):
   assert tok.decode(tok(text)['input_ids']) == text
   with pytest.raises(ValueError, match='disagree'):
     tokenizer.check_matches_model(tok, get_preset('qwen2_5_vl_7b'))
+
+
+def test_rl_mode_multi_media_and_text_only(synth, tok):
+  """with_targets off (RL prompts): no target keys; two media in one record, and a text-only record."""
+  rows = list(_rows(synth).values())
+  img = next(r for r in rows if 'images' in r)
+  vid = next(r for r in rows if 'video' in r)
+  two = dict(img, id='two', video=vid['video'])
+  text = {k: v for k, v in img.items() if k != 'images'}
+  text['id'] = 'text'
+  path = synth / 'multi.jsonl'
+  path.write_text('\n'.join(json.dumps(r) for r in (two, text)) + '\n')
+  cfg = _cfg(synth, 'multi.jsonl', batch_size=2, with_targets=False, max_media=2, num_epochs=1, seed=0,
+             patch_buckets=(64, 128))
+  batch = _take(pipeline.make_pipeline(cfg, CFG).dataset, 1)[0]
+  assert 'target_ids' not in batch and 'target_mask' not in batch
+  assert batch['grid_thw'].shape == (2, 2, 3) and batch['pixel_values'].shape == (2, 128, 1176)
+  i, j = list(batch['id']).index('two'), list(batch['id']).index('text')
+  np.testing.assert_array_equal(batch['media_kind'][i], [1, 2])
+  np.testing.assert_array_equal(batch['media_kind'][j], [0, 0])
+  ids = batch['prompt_ids'][i]
+  assert (ids == 1021).sum() == 16 and (ids == 1022).sum() == 16
+  assert (batch['prompt_ids'][j] == 1021).sum() == 0 and not batch['pixel_values'][j].any()
+  assert batch['vision_meta']['valid'][i].sum() == 128 and batch['vision_meta']['valid'][j].sum() == 0
+  ref = rope_index_batch(batch['prompt_ids'], batch['prompt_mask'], batch['grid_thw'], batch['media_kind'],
+                         batch['second_per_grid_t'], CFG)
+  np.testing.assert_array_equal(batch['positions'], ref)
