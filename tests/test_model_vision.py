@@ -54,13 +54,21 @@ def _inputs(seed=1):
   return pix, grid_arr
 
 
+_apply = jax.jit(lambda params, pix, meta: VisionTower(V).apply({'params': params}, pix, meta))
+
+
 @pytest.fixture(scope='module')
-def tower_outputs():
+def hf_tower():
   model = _hf_tower()
-  params = _flax_params(model)
+  return model, _flax_params(model)
+
+
+@pytest.fixture(scope='module')
+def tower_outputs(hf_tower):
+  model, params = hf_tower
   pix, grid_arr = _inputs()
   meta = vision_inputs.build_vision_inputs_batch(grid_arr, P, V)
-  ours = VisionTower(V).apply({'params': params}, jnp.asarray(pix), jax.tree.map(jnp.asarray, meta))
+  ours = _apply(params, pix, meta)
   want = []
   with torch.no_grad():
     for b, grids in enumerate(GRIDS):
@@ -78,9 +86,9 @@ def test_tower_matches_transformers(tower_outputs):
     assert (ours[b, len(w):] == 0).all()
 
 
-def test_window_and_frame_segments_match_transformers():
+def test_window_and_frame_segments_match_transformers(hf_tower):
   """Our packed segments == transformers' cu_window_seqlens windows (after its window reordering) and frames."""
-  model = _hf_tower()
+  model, _ = hf_tower
   for grids in GRIDS + [[(2, 8, 8)], [(1, 2, 2), (1, 10, 6)]]:
     n = sum(t * h * w for t, h, w in grids)
     meta = vision_inputs.build_vision_inputs(np.array(grids), 4 * ((n + 7) // 4), V)
@@ -102,8 +110,8 @@ def test_window_and_frame_segments_match_transformers():
       assert len(flat) == n
 
 
-def test_rope_ids_match_transformers():
-  model = _hf_tower()
+def test_rope_ids_match_transformers(hf_tower):
+  model, _ = hf_tower
   grids = [(1, 6, 10), (4, 4, 6)]
   meta = vision_inputs.build_vision_inputs(np.array(grids), 160, V)
   want = model.rot_pos_emb(torch.tensor(grids)).numpy()                   # [n, head_dim/2]
@@ -126,24 +134,23 @@ def test_metadata_shapes_static_and_errors():
     vision_inputs.build_vision_inputs(np.array([[1, 6, 10]]), P, V, full_chunk=32)
 
 
-def test_full_chunk_smaller_than_p_gives_same_output():
-  model = _hf_tower()
-  params = _flax_params(model)
+def test_full_chunk_smaller_than_p_gives_same_output(hf_tower):
+  _, params = hf_tower
   pix, grid_arr = _inputs()
   outs = []
   for fc in (None, 96):
     meta = vision_inputs.build_vision_inputs_batch(grid_arr, P, V, full_chunk=fc)
-    outs.append(np.asarray(VisionTower(V).apply({'params': params}, jnp.asarray(pix), meta)))
+    outs.append(np.asarray(_apply(params, pix, meta)))
   np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
 
 
-def test_params_have_logical_names_and_bf16_runs():
-  pix, grid_arr = _inputs()
-  meta = vision_inputs.build_vision_inputs_batch(grid_arr, P, V)
+def test_params_have_logical_names_and_bf16_runs(hf_tower):
+  pix = jnp.ones((1, 16, V.patch_dim))
+  meta = vision_inputs.build_vision_inputs_batch(np.array([[[1, 4, 4]]]), 16, V)
   tower = VisionTower(V, dtype=jnp.bfloat16)
-  boxed = jax.eval_shape(tower.init, jax.random.key(0), jnp.asarray(pix), meta)['params']
+  boxed = jax.eval_shape(tower.init, jax.random.key(0), pix, meta)['params']
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, flax_meta.Partitioned))
   assert all(isinstance(x, flax_meta.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
-  params = flax_meta.unbox(tower.init(jax.random.key(0), jnp.asarray(pix), meta))['params']
-  out = tower.apply({'params': params}, jnp.asarray(pix), meta)
+  assert jax.tree.map(lambda x: x.shape, flax_meta.unbox(boxed)) == jax.tree.map(lambda x: x.shape, hf_tower[1])
+  out = jax.jit(tower.apply)({'params': hf_tower[1]}, pix, meta)
   assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out.astype(jnp.float32)).all())
