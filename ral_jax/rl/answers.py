@@ -21,9 +21,11 @@ import re
 from typing import Optional, Sequence
 
 OPEN, CLOSE = '<answer>', '</answer>'
-MRA_THRESHOLDS = tuple(0.5 + 0.05 * i for i in range(10))
+# 1 - theta for theta in {0.50, 0.55, ..., 0.95}, written out so that no threshold carries rounding error.
+MRA_TOLERANCES = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
 
 _LETTER = re.compile(r'^(?:option\s*|answer\s*[:：]?\s*)?\(?\s*([A-Za-z])\s*(?:[).:：,]|\s|$)', re.IGNORECASE)
+_OPTION_PREFIX = re.compile(r'^\(?([A-Z])\s*[).:：]\s*')
 _NUMBER = re.compile(r'[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?')
 _THOUSANDS = re.compile(r'(?<=\d),(?=\d{3}(?!\d))')
 
@@ -71,8 +73,8 @@ def choice_letter(answer: str, options: Sequence[str] = ()) -> Optional[str]:
   for i, opt in enumerate(options or ()):
     if not isinstance(opt, str):
       continue
-    om = _LETTER.match(opt.strip())
-    letter, text = (om.group(1).upper(), opt.strip()[om.end():]) if om else (chr(ord('A') + i), opt)
+    om = _OPTION_PREFIX.match(opt.strip())
+    letter, text = (om.group(1), opt.strip()[om.end():]) if om else (chr(ord('A') + i), opt)
     if target and normalize_text(text) == target:
       return letter
   return None
@@ -98,7 +100,7 @@ def mean_relative_accuracy(pred: float, truth: float) -> float:
   err = abs(pred - truth) / abs(truth) if truth != 0 else abs(pred)
   if not math.isfinite(err):
     return 0.0
-  return sum(err < 1.0 - th for th in MRA_THRESHOLDS) / len(MRA_THRESHOLDS)
+  return sum(err < tol for tol in MRA_TOLERANCES) / len(MRA_TOLERANCES)
 
 
 def answer_score(answer: Optional[str], solution: str, problem_type: str, options: Sequence[str] = ()) -> float:
