@@ -177,3 +177,33 @@ def test_errors_name_the_tensor_or_field(ckpts, tmp_path):
   (d / 'pytorch_model.bin').write_bytes(b'not read')
   with pytest.raises(FileNotFoundError, match='pickle'):
     hf_io.load_hf(str(d))
+
+
+@pytest.mark.parametrize('preset', ['qwen2_5_vl_3b', 'qwen2_5_vl_7b', 'qwen2_5_vl_32b'])
+def test_full_size_tree_and_names_match_transformers(preset):
+  """eval_shape of our full-size model: parameter count == transformers' (meta device), and the HF name table
+  gives exactly transformers' save_pretrained names and shapes."""
+  from ral_jax.models import hf_names
+  from ral_jax.models.config import get_preset as gp
+  cfg = gp(preset)
+  pix = jax.ShapeDtypeStruct((1, 16, cfg.vision.patch_dim), jnp.float32)
+  meta = vision_inputs.build_vision_inputs_batch(np.array([[[1, 4, 4]]]), 16, cfg.vision)
+  ours = jax.eval_shape(lambda p: init_params(cfg, jax.random.key(0), (p, meta)), pix)
+  n_ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ours))
+  with torch.device('meta'):
+    model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**cfg.to_hf()))
+  assert n_ours == sum(p.numel() for p in model.parameters())
+  # transformers 4.57 saves with hub names (visual.*, model.layers.*): invert its in-memory renaming
+  want = {}
+  for k, v in model.state_dict().items():
+    if cfg.tie_word_embeddings and k == 'lm_head.weight':
+      continue
+    k = k.replace('model.visual.', 'visual.').replace('model.language_model.', 'model.')
+    want[k] = tuple(v.shape)
+  got = {s.hf_name(i): s.hf_shape for s in hf_names.all_specs(cfg, 'hub') for i in range(max(s.layers, 1))}
+  assert got == want
+  for s in hf_names.all_specs(cfg):
+    leaf = ours
+    for key in s.path:
+      leaf = leaf[key]
+    assert leaf.shape == s.full_flax_shape, s.path
