@@ -35,32 +35,37 @@ def base_config() -> ConfigDict:
   c.model.attention_impl = ''  # '' = auto; 'xla' | 'cudnn'
   c.model.record_layers = (-1,)  # decoder layers whose attention policy RAL trains (method.md s.1: the last)
 
-  # ---- data ------------------------------------------------------------------------------------------
+  # ---- data (ral_jax/data: DataConfig, ProcessorConfig, VideoConfig, synthetic Knobs) -----------------------
   c.data = ConfigDict()
   c.data.source = 'synthetic'  # 'synthetic' (generated into <workdir>/synthetic on first use) | 'manifest'
-  c.data.task = 'video'        # synthetic task family: 'video' | 'image' | 'mixed'
+  c.data.task = 'video'        # synthetic task family: 'video' (flash, motion) | 'image' (color, quadrant,
+                               # count) | 'mixed' (all); or a comma list of data.synthetic TASKS
   c.data.num_train = 512       # synthetic training examples
   c.data.num_eval = 64         # synthetic held-out examples
-  c.data.synthetic_seed = 1234
-  c.data.difficulty = 1        # synthetic difficulty knob (objects, distractors, frames)
-  c.data.image_size = 56       # synthetic image / frame side in pixels (multiple of 28)
-  c.data.num_frames = 4        # synthetic video frames (even: temporal patch 2)
-  c.data.train_manifest = ''   # manifest file (Video-R1 JSON or JSONL) when source = 'manifest'
+  c.data.synthetic_seed = 0
+  c.data.image_size = 112      # synthetic image side (px)
+  c.data.video_size = 56       # synthetic video frame side (px)
+  c.data.video_frames = 8      # synthetic video frames (multiple of 8)
+  c.data.object_size = 10
+  c.data.num_distractors = 3
+  c.data.train_manifest = ''   # manifest(s) when source = 'manifest': Video-R1 JSON or JSONL, comma separated
   c.data.eval_manifest = ''
-  c.data.data_root = ''        # media paths in manifests are relative to this
-  c.data.tokenizer = ''        # tokenizer directory; '' = the checkpoint's, else the embedded one
-  c.data.prompt_buckets = (128, 256)   # prompt lengths Tp (left padded)
-  c.data.patch_buckets = (256, 1024)   # vision patches P per example (padded)
+  c.data.data_root = ''        # media paths in manifests are relative to this ('' = each manifest's directory)
+  c.data.tokenizer = ''        # tokenizer directory; '' = the HF checkpoint's if any, else the embedded one
+  c.data.prompt_buckets = (192, 256)   # prompt lengths Tp (left padded)
+  c.data.patch_buckets = (64, 128)     # vision patches P per example (padded)
+  c.data.target_buckets = (48, 64)     # SFT target lengths
   c.data.max_media = 1         # media items M per example (padded)
-  c.data.fps = 1.0
-  c.data.max_frames = 128
-  c.data.min_pixels = 128 * 28 * 28
-  c.data.max_pixels = 5120 * 28 * 28
-  c.data.video_max_pixels = 128 * 28 * 28
+  c.data.image_min_pixels = 56 * 56
+  c.data.image_max_pixels = 112 * 112
+  c.data.video_min_pixels = 28 * 28
+  c.data.video_max_pixels = 56 * 56
+  c.data.fps = 2.0             # video sampling rate
+  c.data.max_frames = 8
+  c.data.min_frames = 4
   c.data.num_workers = 0       # Grain worker processes (0 = in-process)
-  c.data.prefetch = 2
+  c.data.read_threads = 2
   c.data.max_bad_fraction = 0.1  # stop when more than this fraction of records is bad
-  c.data.shuffle = True
 
   # ---- rollout sampling (method.md s.6: temperature 1.0) ----------------------------------------------
   c.sampling = ConfigDict()
@@ -167,12 +172,11 @@ def apply_algo(c: ConfigDict, algo: str) -> ConfigDict:
 def apply_tiny(c: ConfigDict) -> ConfigDict:
   """A few steps of the tiny model: the shape of a test run (seconds on CPU)."""
   c.model.preset = 'tiny'
-  c.data.num_train = 24
+  c.data.num_train = 16
   c.data.num_eval = 8
-  c.data.prompt_buckets = (128,)
+  c.data.prompt_buckets = (256,)
   c.data.patch_buckets = (64,)
-  c.data.image_size = 56
-  c.data.num_frames = 2
+  c.data.target_buckets = (64,)
   c.sampling.max_new_tokens = 12
   c.rl.prompts_per_batch = 2
   c.rl.group_size = 4
@@ -198,7 +202,15 @@ def apply_paper(c: ConfigDict) -> ConfigDict:
   c.model.remat_policy = 'nothing_saveable'
   c.data.source = 'manifest'
   c.data.prompt_buckets = (1024, 2048, 4096, 8192)
-  c.data.patch_buckets = (4096, 16384, 32768)
+  c.data.patch_buckets = (4096, 8192, 20480)
+  c.data.target_buckets = (512, 1024, 2048)
+  c.data.image_min_pixels = 128 * 28 * 28
+  c.data.image_max_pixels = 5120 * 28 * 28
+  c.data.video_min_pixels = 4 * 28 * 28
+  c.data.video_max_pixels = 128 * 28 * 28
+  c.data.fps = 1.0
+  c.data.max_frames = 128
+  c.data.num_workers = 8
   c.sampling.max_new_tokens = 1024
   c.rl.prompts_per_batch = 64
   c.rl.group_size = 8

@@ -99,6 +99,9 @@ class Checkpointer:
     meta['data_state'] = {k: _decode(v) for k, v in (meta.get('data_state') or {}).items()}
     return out['state'], (out['ref'] if 'ref' in items else None), meta
 
+  def read_meta(self, step: int) -> dict:
+    return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -20,7 +20,7 @@ ROWS = ('response', 'producing')
 FORMATS = ('think', 'answer_only')
 SCHEDULES = ('cosine', 'constant')
 SOURCES = ('synthetic', 'manifest')
-TASKS = ('video', 'image', 'mixed')
+TASK_FAMILIES = ('video', 'image', 'mixed')
 
 
 class RALSingleUpdateWarning(UserWarning):
@@ -225,7 +225,8 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
   _check(algo in ALGOS, f'config.algo={algo!r} is unknown; choose one of {ALGOS}')
   d = config.data
   _check(d.source in SOURCES, f'data.source={d.source!r}; choose one of {SOURCES}')
-  _check(d.task in TASKS, f'data.task={d.task!r}; choose one of {TASKS}')
+  if d.source == 'synthetic':
+    synthetic_tasks(d.task)
   if d.source == 'manifest':
     _check(bool(d.train_manifest), "data.source='manifest' needs --config.data.train_manifest=FILE")
   if config.model.preset not in _model_presets() and not config.model.hf_checkpoint:
@@ -287,6 +288,18 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
         'are exactly zero and the run is plain GRPO (method.md s.3). Set --config.rl.num_minibatches=4 '
         '(or rl.epochs > 1) to make RAL act.', RALSingleUpdateWarning, stacklevel=2)
   return run
+
+
+def synthetic_tasks(task: str) -> Tuple[str, ...]:
+  """data.task -> the synthetic task names (data/synthetic.py)."""
+  from ral_jax.data.synthetic import IMAGE_TASKS, TASKS, VIDEO_TASKS
+  fam = {'video': VIDEO_TASKS, 'image': IMAGE_TASKS, 'mixed': TASKS}
+  if task in fam:
+    return tuple(fam[task])
+  names = tuple(t.strip() for t in task.split(',') if t.strip())
+  bad = [t for t in names if t not in TASKS]
+  _check(names and not bad, f'data.task={task!r}: use one of {TASK_FAMILIES} or a comma list of {TASKS}')
+  return names
 
 
 def _model_presets():

@@ -1,0 +1,52 @@
+"""Entry point: `python -m ral_jax.main --config=configs/video.py[:PRESET] --workdir=DIR [--config.X=Y ...]`.
+
+Parses flags, joins the distributed runtime on multi-host set-ups (TPU pod slices; GPU hosts with
+JAX_COORDINATOR_ADDRESS / SLURM), logs on process 0 only, and calls `train.run(config, workdir)`.
+"""
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file with get_config(arg), e.g. configs/video.py',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', './workdir', 'Run directory: checkpoints, metrics, TensorBoard, data.')
+
+_MULTIHOST_ENV = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
+                  'MEGASCALE_COORDINATOR_ADDRESS')
+
+
+def _multihost() -> bool:
+  """True when the environment describes several processes (TPU pod slice, SLURM, explicit coordinator)."""
+  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  if ',' in hosts:
+    return True
+  if os.environ.get('SLURM_NTASKS', '1') not in ('', '1'):
+    return True
+  return bool(os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get('COORDINATOR_ADDRESS'))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}: use --config.KEY=VALUE for overrides')
+  import jax
+  if _multihost():
+    jax.distributed.initialize()
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.ERROR)
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/video.py')
+  from ral_jax import run_config, train
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
+  import common
+  run_config.check_known_keys(config, common.base_config())
+  logging.info('devices: %s', jax.devices())
+  train.run(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('HF_HUB_OFFLINE', '1')
+  os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+  app.run(main)

@@ -1,0 +1,159 @@
+"""One outer step of each stage, orchestrated (no math here): SFT step, RL step, held-out evaluation.
+
+RL step (design.md): prompts -> vision tower once -> rollout (G samples per prompt) -> decode + rewards (host) ->
+group advantages -> scoring pass with the current params (old log-probs, old attention policy) and the frozen
+reference (reference log-probs) [-> teacher forward for distillation] -> epochs x mini-batch updates.
+Every function returns (state, metrics dict of scalars); timings are wall-clock seconds of each phase.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ral_jax import batches, rollout, sharding
+from ral_jax import sampling as sampling_lib
+from ral_jax.rl import advantages as adv_lib
+from ral_jax.rl import rewards as rewards_lib
+from ral_jax.rl.config import AdvantageConfig
+from ral_jax.rl.objective import RLBatch
+from ral_jax.train_step import encode_vision
+
+
+@dataclasses.dataclass
+class Context:
+  """What every stage needs: model config, mesh, tokenizer and its special ids, configs."""
+  run: Any             # RunConfig
+  model_cfg: Any
+  mesh: Any
+  rules: Any
+  tokenizer: Any
+  ids: Any             # data.tokenizer.SpecialIds
+  teacher_cfg: Any = None
+  teacher_params: Any = None
+  _encode: Any = None
+
+  def encode(self, params, cfg, dev):
+    if self._encode is None:
+      self._encode = jax.jit(encode_vision, static_argnums=0)
+    return self._encode(cfg, params, dev['pixel_values'], dev['vision_meta'])
+
+  def sampling(self, greedy: bool = False) -> sampling_lib.SamplingConfig:
+    s = self.run.sampling
+    return sampling_lib.SamplingConfig(
+        temperature=s.temperature if s.temperature > 0 else 1.0, top_k=s.top_k, top_p=s.top_p,
+        greedy=greedy or s.temperature == 0, max_new_tokens=s.max_new_tokens, stop_ids=tuple(self.ids.eos),
+        pad_id=self.ids.pad, dtype=s.dtype or self.model_cfg.dtype)
+
+  def reward_config(self) -> rewards_lib.RewardConfig:
+    r = self.run.rl
+    fmt = 'format_answer_only' if r.format == 'answer_only' else 'format_think_answer'
+    if r.reward != 'default':
+      return rewards_lib.RewardConfig(terms=((r.reward, 1.0),))
+    return rewards_lib.RewardConfig(terms=(('accuracy', r.accuracy_weight), (fmt, r.format_weight)))
+
+
+def sft_step(ctx: Context, steps, state, batch: Dict):
+  t0 = time.perf_counter()
+  dev = batches.to_device(batch, ctx.mesh)
+  vis = ctx.encode(state.params, ctx.model_cfg, dev)
+  x = batches.sequence_inputs(dev['prompt_ids'], dev['prompt_mask'], dev['positions'], dev['target_ids'],
+                              dev['target_mask'], vis)
+  state, m = steps.update(state, x, dev['target_ids'], dev['target_mask'])
+  m = dict(m)
+  m['time/step'] = time.perf_counter() - t0     # dispatch time; the caller logs after the next dispatch
+  return state, m
+
+
+def _rollout(ctx: Context, params, dev, vis, rng, G: int, greedy: bool):
+  prompts = {k: dev[k] for k in ('prompt_ids', 'prompt_mask', 'positions')}
+  return rollout.generate(params, ctx.model_cfg, prompts, vis, rng, ctx.sampling(greedy), G, mesh=ctx.mesh,
+                          rules=ctx.rules)
+
+
+def _texts_and_rewards(ctx: Context, out, batch, G: int):
+  tokens, lengths = batches.host_rows(out.tokens), batches.host_rows(out.lengths)
+  texts = batches.decode_responses(ctx.tokenizer, tokens, lengths, ctx.ids.eos)
+  total, per, metrics = rewards_lib.compute_rewards(texts, batches.reward_records(batch), ctx.reward_config(), G)
+  return texts, total, per, metrics, lengths
+
+
+def rl_step(ctx: Context, steps, state, ref_params, batch: Dict, rng):
+  """One rollout batch and its updates. Returns (state, metrics, sample_texts)."""
+  run, G = ctx.run, ctx.run.rl.group_size
+  cfg = ctx.model_cfg
+  t0 = time.perf_counter()
+  dev = batches.to_device(batch, ctx.mesh)
+  vis = ctx.encode(state.params, cfg, dev)
+  out = _rollout(ctx, state.params, dev, vis, rng, G, greedy=False)
+  texts, rewards, per, rmetrics, lengths = _texts_and_rewards(ctx, out, batch, G)
+  t1 = time.perf_counter()
+  a = np.asarray(adv_lib.group_advantages(jnp.asarray(rewards), G,
+                                          AdvantageConfig(run.rl.advantage, run.rl.adv_eps)))
+  adv = sharding.shard_batch({'a': a}, ctx.mesh)['a']
+  x = batches.sequence_inputs(dev['prompt_ids'], dev['prompt_mask'], dev['positions'], out.tokens,
+                              out.response_mask, vis, repeats=G)
+  old_lp, old_pol, ref_lp = steps.score(state.params, ref_params, x, out.tokens)
+  teacher_hidden = teacher_policy = teacher_kernel = None
+  if steps.teacher is not None:
+    tvis = ctx.encode(ctx.teacher_params, ctx.teacher_cfg, dev)
+    tx_in = x.replace(visual_embeds=jnp.repeat(tvis, G, axis=0))
+    teacher_hidden, teacher_policy = steps.teacher(ctx.teacher_params, tx_in, out.tokens)
+    from ral_jax.models.vlm import lm_head_kernel
+    teacher_kernel = lm_head_kernel(ctx.teacher_params, ctx.teacher_cfg)
+    if steps.sc.objective.distill.mu == 0:
+      teacher_hidden = teacher_kernel = None
+  rl_batch = RLBatch(
+      response_ids=out.tokens, response_mask=out.response_mask, advantages=adv, old_logprobs=old_lp,
+      ref_logprobs=ref_lp, old_policy=old_pol, key_mask=x.attention_mask,
+      visual_key_mask=batches.visual_key_mask(x.input_ids, cfg.image_token_id, cfg.video_token_id),
+      teacher_policy=teacher_policy)
+  # Sanity metric: sampler log-probs vs the training forward (same params, same temperature).
+  mask = out.response_mask.astype(jnp.float32)
+  lp_gap = jnp.sum(jnp.abs(out.logprobs - old_lp) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  jax.block_until_ready(old_lp)
+  t2 = time.perf_counter()
+  if teacher_hidden is not None:
+    state, m = steps.update(state, x, rl_batch, teacher_hidden, teacher_kernel)
+  else:
+    state, m = steps.update(state, x, rl_batch)
+  jax.block_until_ready(state.step)
+  t3 = time.perf_counter()
+  n_tok = float(np.sum(lengths))
+  groups = a.reshape(-1, G)
+  metrics = dict(m)
+  metrics.update({
+      'reward': float(rewards.mean()), 'accuracy': float(per['accuracy'].mean()),
+      'format': float(np.mean([v.mean() for k, v in per.items() if k.startswith('format')] or [0.0])),
+      'adv/mean_abs': float(np.abs(a).mean()), 'adv/std': float(a.std()),
+      'adv/frac_zero_groups': float(np.mean(np.all(groups == 0, axis=1))),
+      'resp_len': float(lengths.mean()), 'resp_len_max': float(lengths.max()),
+      'stop_eos_frac': float(np.mean(batches.host_rows(out.stop_reason) == rollout.STOP_EOS)),
+      'sampler_logprob_gap': lp_gap,
+      'time/rollout': t1 - t0, 'time/scoring': t2 - t1, 'time/update': t3 - t2, 'time/step': t3 - t0,
+      'tokens_per_s': n_tok / max(t1 - t0, 1e-9),
+  })
+  metrics.update({k: v for k, v in rmetrics.items() if k.startswith('reward/errors')})
+  return state, metrics, texts
+
+
+def evaluate(ctx: Context, params, eval_batches, rng) -> Dict[str, float]:
+  """Greedy held-out accuracy and format rate over a fixed list of data batches."""
+  acc, fmt, n = 0.0, 0.0, 0
+  t0 = time.perf_counter()
+  for batch in eval_batches:
+    dev = batches.to_device(batch, ctx.mesh)
+    vis = ctx.encode(params, ctx.model_cfg, dev)
+    out = _rollout(ctx, params, dev, vis, rng, 1, greedy=True)
+    _, _, per, _, _ = _texts_and_rewards(ctx, out, batch, 1)
+    fkey = [k for k in per if k.startswith('format')]
+    acc += float(per['accuracy'].sum())
+    fmt += float(per[fkey[0]].sum()) if fkey else 0.0
+    n += len(per['accuracy'])
+  n = max(n, 1)
+  return {'eval/accuracy': acc / n, 'eval/format': fmt / n, 'eval/examples': float(n),
+          'time/eval': time.perf_counter() - t0}

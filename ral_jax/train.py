@@ -1,0 +1,217 @@
+"""The outer training loop: SFT warm-up steps, then RL steps; evaluation, metrics, checkpoints, resume.
+
+Outer steps are numbered 1..sft_steps (SFT) then sft_steps+1..sft_steps+rl_steps (RL, one rollout batch each).
+At the first RL step the RL optimizer state is created and the frozen reference is copied from the policy.
+Per-step randomness: fold_in(PRNGKey(seed), outer_step). A run started in a workdir with a checkpoint resumes from
+its latest step (state, reference, data-iterator positions, and the held-out accuracy measured before training).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Optional
+
+import jax
+from absl import logging
+
+from ral_jax import checkpoint as ckpt_lib
+from ral_jax import metrics as metrics_lib
+from ral_jax import run_config as rc
+from ral_jax import stages, train_data, train_init
+from ral_jax.data import tokenizer as tokenizer_lib
+from ral_jax.train_state import all_finite
+
+
+class Preempted(Exception):
+  """Raised (after a checkpoint) when the loop stops early: SIGTERM or train.stop_after."""
+
+
+def _say(msg: str, writer: Optional[metrics_lib.MetricsWriter] = None):
+  logging.info(msg)
+  if writer is not None:
+    writer.print(msg)
+  elif jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+class Trainer:
+  """Holds the run's objects; `run()` executes the loop. Built once per process."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.run_cfg = rc.build(config, jax.device_count())
+    run = self.run_cfg
+    self.mesh, self.rules = train_init.make_mesh_and_rules(run)
+    mc = config.model
+    self.model_cfg = train_init.model_config(mc, mc.hf_checkpoint, mc.preset)
+    tok_dir = config.data.tokenizer or mc.hf_checkpoint or 'embedded'
+    tokenizer = tokenizer_lib.load_tokenizer(tok_dir)
+    ids = tokenizer_lib.check_matches_model(tokenizer, self.model_cfg)
+    self.ctx = stages.Context(run=run, model_cfg=self.model_cfg, mesh=self.mesh, rules=self.rules,
+                              tokenizer=tokenizer, ids=ids)
+    if run.algo == 'distill' and run.loop.rl_steps:
+      self.ctx.teacher_cfg, self.ctx.teacher_params = train_init.load_teacher(run, mc, self.mesh, self.rules)
+    train_files, eval_files = train_data.manifests(config, workdir)
+    self.sft_data = self.rl_data = None
+    if run.loop.sft_steps:
+      self.sft_data = train_data.make_stage_data(config, self.model_cfg, train_files, run.loop.sft_batch_size, 'sft')
+    if run.loop.rl_steps:
+      self.rl_data = train_data.make_stage_data(config, self.model_cfg, train_files, run.rl.prompts_per_batch, 'rl')
+    self.eval_batches = train_data.eval_batches(config, self.model_cfg, eval_files, run.loop.eval_examples,
+                                                run.loop.eval_batch)
+    self.ckpt = ckpt_lib.Checkpointer(workdir, run.loop.ckpt_every, run.loop.ckpt_keep, run.loop.ckpt_async)
+    self.base_rng = jax.random.PRNGKey(run.seed)
+    self._steps: Dict[str, train_init.Steps] = {}
+
+  # ---- state -----------------------------------------------------------------------------------------------
+  def _initial_params(self):
+    mc = self.config.model
+    return train_init.init_model_params(self.model_cfg, self.mesh, self.rules, self.run_cfg.seed, mc.hf_checkpoint)
+
+  def steps_for(self, stage: str, state=None) -> train_init.Steps:
+    if stage not in self._steps:
+      sh = train_init.state_shardings_of(state)
+      self._steps[stage] = train_init.make_steps(self.run_cfg, self.model_cfg, stage, sh, self.ctx.teacher_cfg)
+    return self._steps[stage]
+
+  def new_state(self, stage: str, params):
+    tx = train_init.optim.make_optimizer(self.run_cfg.rl_optim if stage == 'rl' else self.run_cfg.sft_optim)
+    return train_init.create_state(params, tx, self.run_cfg.seed)
+
+  def stage_of(self, outer_step: int) -> str:
+    """Stage of outer step k (1-based)."""
+    return 'sft' if outer_step <= self.run_cfg.loop.sft_steps else 'rl'
+
+  def restore_or_init(self):
+    """(outer step done, stage, state, ref params, meta) from the latest checkpoint, else a fresh start."""
+    params = self._initial_params()
+    if self.config.model.init_checkpoint:
+      params = self._params_from_orbax(self.config.model.init_checkpoint, params)
+    latest = self.ckpt.latest_step()
+    first_stage = 'sft' if self.run_cfg.loop.sft_steps else 'rl'
+    if latest is None:
+      return 0, first_stage, self.new_state(first_stage, params), None, {}
+    stage = self.stage_of(latest)
+    template = self.new_state(stage, params)
+    ref_like = train_init.reference_of(params) if stage == 'rl' else None
+    state, ref, meta = self.ckpt.restore(latest, template, ref_like)
+    for name, data in (('sft', self.sft_data), ('rl', self.rl_data)):
+      if data is not None and name in meta.get('data_state', {}):
+        data.set_state(meta['data_state'][name])
+    return latest, stage, state, ref, meta
+
+  def _params_from_orbax(self, directory: str, like):
+    """Policy parameters of the latest checkpoint of another ral_jax workdir (or its checkpoints/ folder)."""
+    workdir = directory[:-len('/checkpoints')] if directory.rstrip('/').endswith('/checkpoints') else directory
+    other = ckpt_lib.Checkpointer(workdir.rstrip('/'), 1, 1, False)
+    step = other.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'model.init_checkpoint={directory!r} holds no ral_jax checkpoint')
+    stage = other.read_meta(step).get('stage', 'rl')
+    state, _, _ = other.restore(step, self.new_state(stage, like), None)
+    other.close()
+    return state.params
+
+  # ---- the loop ----------------------------------------------------------------------------------------------
+  def _save(self, outer: int, stage: str, state, ref, extra: Dict, force: bool = False):
+    data_state = {}
+    for name, data in (('sft', self.sft_data), ('rl', self.rl_data)):
+      if data is not None:
+        data_state[name] = data.get_state()
+    meta = dict(extra, outer_step=outer, stage=stage, data_state=data_state)
+    self.ckpt.save(outer, state, meta, ref=ref if stage == 'rl' else None, force=force)
+
+  def evaluate(self, params, outer: int) -> Dict[str, float]:
+    if not self.eval_batches:
+      return {}
+    return stages.evaluate(self.ctx, params, self.eval_batches, jax.random.fold_in(self.base_rng, 10 ** 9 + outer))
+
+  def run(self) -> Dict[str, float]:
+    run = self.run_cfg
+    total = run.loop.total_steps
+    done, stage, state, ref, meta = self.restore_or_init()
+    writer = metrics_lib.MetricsWriter(self.workdir, total, done)
+    guard = ckpt_lib.PreemptionGuard()
+    extra = {k: meta[k] for k in ('eval_before',) if k in meta}
+    try:
+      if done:
+        _say(f'resumed from {self.ckpt.directory} at step {done} ({stage})', writer)
+      if 'eval_before' not in extra and self.eval_batches:
+        ev = self.evaluate(state.params, 0)
+        extra['eval_before'] = ev.get('eval/accuracy', 0.0)
+        writer.write(0, ev, stage='eval')
+        _say(f'held-out accuracy before training: {ev["eval/accuracy"]:.3f} '
+             f'(format {ev["eval/format"]:.3f}, {int(ev["eval/examples"])} examples, greedy)', writer)
+      last = {}
+      for outer in range(done + 1, total + 1):
+        new_stage = self.stage_of(outer)
+        if new_stage != stage or (new_stage == 'rl' and ref is None):
+          if new_stage != stage:
+            state = self.new_state('rl', state.params)
+          ref = train_init.reference_of(state.params)
+          stage = new_stage
+          _say(f'step {outer}: RL stage ({run.algo}, lambda_attn={run.rl.lambda_attn}, G={run.rl.group_size}, '
+               f'{run.rl.updates_per_rollout} updates per rollout)', writer)
+        steps = self.steps_for(stage, state)
+        if stage == 'sft':
+          state, m = stages.sft_step(self.ctx, steps, state, self.sft_data.next())
+        else:
+          rng = jax.random.fold_in(self.base_rng, outer)
+          state, m, texts = stages.rl_step(self.ctx, steps, state, ref, self.rl_data.next(), rng)
+          if outer % max(run.loop.log_every * 10, 1) == 0 or outer == done + 1:
+            logging.info('step %d sample response: %r', outer, texts[0][:300])
+        m = dict(m)
+        m.update(self._data_metrics())
+        if run.loop.eval_every and outer % run.loop.eval_every == 0 and outer < total:
+          m.update(self.evaluate(state.params, outer))
+        if outer % run.loop.log_every == 0 or outer == total:
+          last = writer.write(outer, m, stage=stage)
+        writer.advance(1, stage)
+        if not bool(all_finite(state.params)):
+          _say(f'step {outer}: non-finite parameters; stopping without saving', writer)
+          raise FloatingPointError(f'non-finite parameters at step {outer}')
+        stop = guard.requested or (run.loop.stop_after and outer >= run.loop.stop_after)
+        if self.ckpt.should_save(outer) or stop or outer == total:
+          self._save(outer, stage, state, ref, extra, force=bool(stop))
+        if stop:
+          self.ckpt.wait()
+          raise Preempted(f'stopped after step {outer} (checkpoint saved)')
+      ev = self.evaluate(state.params, total)
+      if ev:
+        writer.write(total, ev, stage='eval')
+        _say(f'held-out accuracy: before {extra.get("eval_before", float("nan")):.3f} -> after '
+             f'{ev["eval/accuracy"]:.3f} (format {ev["eval/format"]:.3f})', writer)
+      self.ckpt.wait()
+      if run.loop.export_hf:
+        self.export(state.params)
+      return {**last, **ev, 'eval_before': extra.get('eval_before', float('nan'))}
+    finally:
+      guard.close()
+      writer.close()
+      self.ckpt.close()
+
+  def _data_metrics(self) -> Dict[str, float]:
+    m = train_data.bad_input_metrics(self.sft_data, self.rl_data)
+    if m.get('data/seen'):
+      m['data/bad_fraction'] = m.get('data/bad', 0.0) / m['data/seen']
+    return m
+
+  def export(self, params):
+    out = os.path.join(self.workdir, 'hf_export')
+    try:
+      from ral_jax.models import hf_io
+    except ImportError as e:
+      logging.warning('HF export skipped: %s', e)
+      return
+    hf_io.export_params(jax.device_get(params), self.model_cfg, out)
+    _say(f'exported the policy as an HF checkpoint to {out}')
+
+
+def run(config, workdir: str) -> Dict[str, float]:
+  """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.time()
+  out = Trainer(config, workdir).run()
+  _say(f'done in {time.time() - t0:.0f} s; metrics in {os.path.join(workdir, "metrics.jsonl")}, TensorBoard: '
+       f'tensorboard --logdir {os.path.join(workdir, "tb")}')
+  return out

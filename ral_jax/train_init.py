@@ -1,0 +1,147 @@
+"""Building what a run needs before its first step: model config, mesh, sharded parameters, optimizers and the
+jitted step functions (with state shardings and donation).
+
+Parameters are created directly on their shardings: random init under jit with out_shardings from the logical
+axis names (sharding.init_sharded), or an HF checkpoint read tensor by tensor onto the same shardings
+(models.hf_io). The reference model of the RL stage is a copy of the policy at the start of RL, without the
+vision tower (visual embeddings are computed once by the frozen tower and shared). A distillation teacher is its own
+model config with its own parameters (and vision tower).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from ral_jax import optim, sharding, train_step as ts
+from ral_jax.models.config import ModelConfig, get_preset
+from ral_jax.models.vision_inputs import build_vision_inputs_batch
+from ral_jax.models.vlm import init_params
+from ral_jax.rl import config as rlc
+from ral_jax.run_config import RunConfig
+from ral_jax.train_state import TrainState
+
+
+def model_config(mc, hf_checkpoint: str = '', preset: str = 'tiny') -> ModelConfig:
+  """ModelConfig from an HF directory's config.json, else the named preset; then the run-time overrides."""
+  over = {k: getattr(mc, k) for k in ('dtype', 'param_dtype', 'remat_policy') if getattr(mc, k, '')}
+  if getattr(mc, 'attention_impl', ''):
+    over['attention_impl'] = mc.attention_impl
+  if hf_checkpoint:
+    path = os.path.join(hf_checkpoint, 'config.json')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path} not found: --config.model.hf_checkpoint must be a local HF Qwen2.5-VL '
+                              'directory (config.json + *.safetensors)')
+    with open(path) as f:
+      return ModelConfig.from_hf(json.load(f), **over)
+  return get_preset(preset, **over)
+
+
+def objective_config(run: RunConfig, temperature: float) -> rlc.ObjectiveConfig:
+  r = run.rl
+  grpo = rlc.GRPOConfig(clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high,
+                        dual_clip=r.dual_clip or None, beta=r.beta, kl_estimator=r.kl_estimator,
+                        aggregation=r.aggregation)
+  ral = rlc.RALConfig(lambda_attn=r.lambda_attn, rows=r.rows, aggregation=r.attn_aggregation,
+                      allow_single_update=True)
+  distill = None
+  if run.algo == 'distill':
+    d = run.distill
+    distill = rlc.DistillConfig(mu=d.mu, gamma_attn=d.gamma_attn if d.attention else 0.0,
+                                kd_estimator=d.kd_estimator)
+  return rlc.ObjectiveConfig(grpo=grpo, ral=ral, distill=distill, temperature=max(temperature, 1e-6),
+                             logprob_chunk=r.logprob_chunk or 256)
+
+
+def dummy_vision_inputs(cfg: ModelConfig, batch: int = 1):
+  """Smallest valid (pixel_values, vision_meta) to create the vision tower's parameters."""
+  m = cfg.vision.spatial_merge_size
+  grid = np.array([[[1, m, m]]] * batch)
+  p = m * m
+  meta = build_vision_inputs_batch(grid, p, cfg.vision, media_kind=np.ones((batch, 1), np.int32))
+  return jnp.zeros((batch, p, cfg.vision.patch_dim), jnp.float32), jax.tree.map(jnp.asarray, meta)
+
+
+def init_model_params(cfg: ModelConfig, mesh, rules, seed: int, hf_checkpoint: str = ''):
+  """Sharded parameters {'visual', 'model', 'lm_head'}: from an HF directory, else random from `seed`."""
+  vis = dummy_vision_inputs(cfg)
+  init_fn = lambda: init_params(cfg, jax.random.PRNGKey(seed), vis, boxed=True)
+  if hf_checkpoint:
+    from ral_jax.models import hf_io
+    _, shardings = sharding.state_shardings(init_fn, mesh, rules)
+    return hf_io.load_params(hf_checkpoint, cfg, shardings=shardings)
+  return sharding.init_sharded(init_fn, mesh, rules)
+
+
+def reference_of(params):
+  """A frozen copy of the policy without the vision tower (the RL stage's pi_ref)."""
+  return jax.tree.map(jnp.copy, {k: v for k, v in params.items() if k != 'visual'})
+
+
+@dataclasses.dataclass
+class Steps:
+  """Jitted step functions of one stage, closed over the static StepConfig and optimizer."""
+  sc: ts.StepConfig
+  tx: Any
+  update: Any           # rl_update or sft_update: (state, ...) -> (state, metrics); state donated
+  score: Any = None     # (params, ref_params, x, response_ids) -> (old_logprobs, old_policy, ref_logprobs)
+  teacher: Any = None   # (teacher_params, x, response_ids) -> (teacher_hidden, teacher_policy)
+
+
+def step_config(run: RunConfig, cfg: ModelConfig, stage: str) -> ts.StepConfig:
+  obj = objective_config(run, run.sampling.temperature if stage == 'rl' else 1.0)
+  record = stage == 'rl' and (run.rl.lambda_attn > 0 or (obj.distill is not None and obj.distill.gamma_attn > 0))
+  layers = run.rl.record_layers
+  if len(layers) != 1:
+    raise ValueError(f'model.record_layers={layers}: the RL losses use one recorded layer; give one index')
+  return ts.StepConfig(model_cfg=cfg, objective=obj, rows=run.rl.rows, record_layer=layers[0],
+                       num_minibatches=run.rl.num_minibatches, epochs=run.rl.epochs,
+                       micro_batches=run.rl.micro_batches, score_micro_batches=run.rl.num_minibatches,
+                       sft_micro_batches=run.sft_optim.micro_batches, record=record)
+
+
+def make_steps(run: RunConfig, cfg: ModelConfig, stage: str, state_shardings, teacher_cfg=None) -> Steps:
+  sc = step_config(run, cfg, stage)
+  tx = optim.make_optimizer(run.rl_optim if stage == 'rl' else run.sft_optim)
+  out = (state_shardings, None)
+  if stage == 'sft':
+    upd = jax.jit(functools.partial(ts.sft_update, sc, tx), out_shardings=out, donate_argnums=0)
+    return Steps(sc, tx, upd)
+  upd = jax.jit(functools.partial(ts.rl_update, sc, tx), out_shardings=out, donate_argnums=0)
+  score = jax.jit(functools.partial(ts.score, sc, need_ref=run.rl.beta > 0))
+  teacher = None
+  if teacher_cfg is not None:
+    teacher = jax.jit(functools.partial(ts.teacher_score, sc, teacher_cfg,
+                                        with_policy=sc.objective.distill.gamma_attn > 0))
+  return Steps(sc, tx, upd, score, teacher)
+
+
+def create_state(params, tx, seed: int) -> TrainState:
+  """TrainState whose optimizer state is created on the parameters' shardings (jit propagates them)."""
+  rng = jax.random.PRNGKey(seed)
+  return jax.jit(lambda p: TrainState.create(p, tx, rng))(params)
+
+
+def state_shardings_of(state):
+  return jax.tree.map(lambda x: x.sharding, state)
+
+
+def make_mesh_and_rules(run: RunConfig):
+  mesh = sharding.make_mesh(run.mesh.shape)
+  rules = sharding.logical_rules(run.mesh.rules)
+  logging.info('mesh %s over %d devices (%s)', dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+  return mesh, rules
+
+
+def load_teacher(run: RunConfig, mc, mesh, rules):
+  d = run.distill
+  tcfg = model_config(mc, d.teacher_checkpoint, d.teacher_preset)
+  params = init_model_params(tcfg, mesh, rules, d.teacher_seed, d.teacher_checkpoint)
+  return tcfg, params
