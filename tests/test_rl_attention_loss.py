@@ -114,7 +114,8 @@ def test_single_update_gradient_is_exactly_zero_then_not():
   assert np.any(np.abs(grad(z + 0.1 * jax.random.normal(jax.random.PRNGKey(1), z.shape))) > 1e-6)
 
 
-@pytest.mark.parametrize('mode', ['token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum', 'drgrpo'])
+# All four modes' padding invariance is covered in test_rl_advantages; here the two extremes.
+@pytest.mark.parametrize('mode', ['token_mean', 'drgrpo'])
 def test_padding_invariance_rows_keys_sequences(mode):
   pol, old, adv, rm, km = _ral_case()
   vis = jnp.array([[1, 0], [0, 1]])

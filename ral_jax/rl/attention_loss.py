@@ -67,13 +67,17 @@ def visual_mass(policy, row_mask, visual_key_mask) -> jnp.ndarray:
   return masked_mean(mass, row_mask)
 
 
-def _check(policy, other, row_mask, key_mask):
+def _prepare(policy, other, row_mask, key_mask):
+  """Shape/dtype checks; float32 rows with masked rows zeroed (so padding never reaches a value or a gradient)."""
   chex.assert_rank(policy, 3)
   chex.assert_equal_shape([policy, other])
   chex.assert_shape(row_mask, policy.shape[:2])
   chex.assert_type([policy, other], [float, float])
   if key_mask is not None:
     chex.assert_shape(key_mask, (policy.shape[0], policy.shape[2]))
+  rm = as_mask(row_mask)
+  zero_pad = lambda x: jnp.where(rm[..., None], jnp.asarray(x, jnp.float32), 0.0)
+  return zero_pad(policy), zero_pad(jax.lax.stop_gradient(other)), rm
 
 
 def ral_loss(policy, old_policy, advantages, row_mask, key_mask=None, aggregation: str = 'token_mean',
@@ -84,10 +88,9 @@ def ral_loss(policy, old_policy, advantages, row_mask, key_mask=None, aggregatio
   sequences with A > 0 / A < 0; 0 when there are none), frac_rows_pos_adv / frac_rows_neg_adv, and with a visual key
   mask [B,S]: visual_mass (current rows) and visual_mass_old.
   """
-  _check(policy, old_policy, row_mask, key_mask)
   chex.assert_shape(advantages, policy.shape[:1])
-  rm = as_mask(row_mask)
-  d = jsd(policy, jax.lax.stop_gradient(old_policy), key_mask)     # [B,R]
+  policy, old_policy, rm = _prepare(policy, old_policy, row_mask, key_mask)
+  d = jsd(policy, old_policy, key_mask)                              # [B,R]
   adv = jnp.asarray(advantages, jnp.float32)[:, None]
   loss = aggregate(adv * d, rm, aggregation, max_len)
   pos, neg = rm & (adv > 0), rm & (adv < 0)
@@ -113,9 +116,8 @@ def attention_distill_loss(policy, teacher_policy, row_mask, key_mask=None, aggr
 
   Metrics 'attn_distill/...': loss, jsd (mean over valid rows), and with a visual key mask visual_mass_teacher.
   """
-  _check(policy, teacher_policy, row_mask, key_mask)
-  rm = as_mask(row_mask)
-  d = jsd(policy, jax.lax.stop_gradient(teacher_policy), key_mask)
+  policy, teacher_policy, rm = _prepare(policy, teacher_policy, row_mask, key_mask)
+  d = jsd(policy, teacher_policy, key_mask)
   loss = aggregate(d, rm, aggregation, max_len)
   metrics = {'attn_distill/loss': loss, 'attn_distill/jsd': masked_mean(d, rm)}
   if visual_key_mask is not None:

@@ -76,9 +76,8 @@ def token_entropy(logits, temperature: float = 1.0) -> jnp.ndarray:
 
 
 def _project(h, kernel):
-  """h [B,C,D] @ kernel [D,V] with float32 accumulation -> [B,C,V] f32."""
-  dtype = jnp.result_type(h.dtype, kernel.dtype)
-  return jnp.einsum('bcd,dv->bcv', h.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+  """h [B,C,D] @ kernel [D,V] in h's (compute) dtype with float32 accumulation -> [B,C,V] f32."""
+  return jnp.einsum('bcd,dv->bcv', h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def token_stats_from_hidden(hidden, kernel, targets, chunk: int = 256, temperature: float = 1.0, *,
