@@ -75,6 +75,7 @@ def bench_media(vpath: str, ipath: str, frames: int, repeats: int):
 def bench_pipeline(root: str, vpath: str, ipath: str, repeats: int):
   from ral_jax.data import pipeline
   from ral_jax.data.features import ExampleProcessor
+  from ral_jax.data.tokenizer import load_tokenizer, text_encoder
   from ral_jax.data.records import load_manifest
   from ral_jax.data.badinput import BadInputCounter
   from ral_jax.models.config import get_preset
@@ -91,7 +92,7 @@ def bench_pipeline(root: str, vpath: str, ipath: str, repeats: int):
     dcfg = pipeline.DataConfig(manifests=(man,), processor=VIDEO_CFG, video=media.VideoConfig(fps=1.0, max_frames=16),
                                batch_size=4, prompt_buckets=(2048,), patch_buckets=(4096,), read_threads=1)
     ex = load_manifest(man, BadInputCounter())[0]
-    proc = ExampleProcessor(dcfg, mcfg)
+    proc = ExampleProcessor(dcfg, mcfg, text_encoder(load_tokenizer()))
     per_example = _time(lambda: proc(ex), repeats)
     it = iter(pipeline.make_pipeline(dcfg, mcfg).dataset)
     next(it)

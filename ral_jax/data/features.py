@@ -12,7 +12,6 @@ A bad record gives {'bad_reason', 'bad_detail', 'id', 'source'} instead (pipelin
 from __future__ import annotations
 
 import json
-import threading
 from typing import Dict
 
 import numpy as np
@@ -22,29 +21,13 @@ from ral_jax.data.badinput import BadRecord
 from ral_jax.data.records import Example
 
 KIND_IDS = {'image': 1, 'video': 2}
-_LOAD_LOCK = threading.Lock()  # the map runs in several threads; transformers' lazy imports are not thread-safe
 
 
 class ExampleProcessor:
-  """Picklable callable; the tokenizer is loaded lazily in each worker process."""
+  """Picklable callable. encoder: tokenizer.TextEncoder (chat template + tokenisation without transformers)."""
 
-  def __init__(self, dcfg, mcfg):
-    self.dcfg, self.mcfg = dcfg, mcfg
-    self._tok = None
-    self._ids = None
-
-  def __getstate__(self):
-    return {'dcfg': self.dcfg, 'mcfg': self.mcfg, '_tok': None, '_ids': None}
-
-  @property
-  def tokenizer(self):
-    with _LOAD_LOCK:
-      if self._tok is None:
-        from ral_jax.data import tokenizer
-        tok = tokenizer.load_tokenizer(self.dcfg.tokenizer)
-        self._ids = tokenizer.special_ids(tok)
-        self._tok = tok
-    return self._tok
+  def __init__(self, dcfg, mcfg, encoder):
+    self.dcfg, self.mcfg, self.enc = dcfg, mcfg, encoder
 
   def __call__(self, ex: Example) -> Dict:
     try:
@@ -78,14 +61,13 @@ class ExampleProcessor:
             np.asarray(spgt, np.float32))
 
   def prompt_ids(self, ex: Example, grids, kinds) -> np.ndarray:
-    d, tok = self.dcfg, self.tokenizer
+    d, enc = self.dcfg, self.enc
     question = prompts.format_question(ex.question, ex.options, ex.problem_type, d.prompt)
     names = ['image' if k == 1 else 'video' for k in kinds]
-    text = prompts.render_prompt(tok, prompts.build_messages(question, names, d.prompt))
-    ids = tok(text, add_special_tokens=False)['input_ids']
+    ids = enc.encode(enc.render(prompts.build_messages(question, names, d.prompt)))
     counts = [processor.num_merged_tokens(tuple(g), d.processor) for g in grids]
     try:
-      ids = prompts.expand_vision_pads(ids, (self._ids.image_pad, self._ids.video_pad), counts)
+      ids = prompts.expand_vision_pads(ids, (enc.ids.image_pad, enc.ids.video_pad), counts)
     except ValueError as e:  # e.g. a literal '<|image_pad|>' inside the question text
       raise BadRecord('malformed_record', str(e), ex.id) from e
     if len(ids) > max(d.prompt_buckets):
@@ -98,7 +80,7 @@ class ExampleProcessor:
     if not ex.target:
       raise BadRecord('missing_target', 'record has no SFT target but with_targets is on', ex.id)
     text = prompts.strip_think(ex.target) if d.prompt.style == 'answer_only' else ex.target
-    ids = self.tokenizer(text, add_special_tokens=False)['input_ids'] + [self._ids.end_of_turn]
+    ids = self.enc.encode(text) + [self.enc.ids.end_of_turn]
     if len(ids) > max(d.target_buckets):
       raise BadRecord('target_over_budget', f'{len(ids)} target tokens > largest target bucket '
                       f'{max(d.target_buckets)}', ex.id)

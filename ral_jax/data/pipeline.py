@@ -109,7 +109,8 @@ def make_pipeline(dcfg: DataConfig, mcfg) -> Pipeline:
       mcfg.vision.patch_size, mcfg.vision.spatial_merge_size, mcfg.vision.temporal_patch_size):
     raise ValueError('DataConfig.processor patch geometry differs from the model vision config: build it with '
                      'ProcessorConfig.from_vision(model_cfg.vision, ...)')
-  ids = tokenizer_lib.check_matches_model(tokenizer_lib.load_tokenizer(dcfg.tokenizer), mcfg)
+  tok = tokenizer_lib.load_tokenizer(dcfg.tokenizer)
+  ids = tokenizer_lib.check_matches_model(tok, mcfg)
   counter = BadInputCounter(dcfg.max_bad_fraction, dcfg.bad_min_records)
   records = load_manifests(dcfg.manifests, counter, dcfg.data_root)
   ds = grain.MapDataset.source(records)[dcfg.shard_index::dcfg.shard_count]
@@ -117,7 +118,7 @@ def make_pipeline(dcfg: DataConfig, mcfg) -> Pipeline:
   if n == 0:
     raise ValueError(f'shard {dcfg.shard_index} of {dcfg.shard_count} is empty: {len(records)} records are too '
                      'few for this many hosts')
-  ds = ds.shuffle(seed=dcfg.seed).repeat(dcfg.num_epochs).map(ExampleProcessor(dcfg, mcfg))
+  ds = ds.shuffle(seed=dcfg.seed).repeat(dcfg.num_epochs).map(ExampleProcessor(dcfg, mcfg, tokenizer_lib.text_encoder(tok)))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=dcfg.read_threads, prefetch_buffer_size=2 * dcfg.batch_size))
   if dcfg.num_workers > 0:
     from absl import flags

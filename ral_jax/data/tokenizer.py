@@ -5,13 +5,20 @@ Qwen2.5-VL checkpoint directory); `path=None` or 'embedded' gives the small toke
 ral_jax/data/assets/tokenizer (built by ral_jax/data/build_tokenizer.py). Never touches the hub.
 A checkpoint whose tokenizer has no chat template gets it from chat_template.json / chat_template.jinja in the same
 directory, else Qwen's template (prompts.QWEN_VL_CHAT_TEMPLATE).
+
+`TextEncoder` is what Grain workers use: the loaded tokenizer's `tokenizers` backend and its chat template,
+rendered with jinja2 in the environment transformers uses (trim_blocks, lstrip_blocks, loopcontrols, tojson,
+raise_exception; the special-token strings as variables). It pickles without transformers, so worker processes
+never import transformers (that import alone takes seconds per worker); its ids equal `tok(text)` and its text
+equals `tok.apply_chat_template(...)` (tests/test_data_tokenizer.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Optional, Tuple
+import re
+from typing import Dict, List, Optional, Tuple
 
 from ral_jax.data import prompts
 
@@ -80,3 +87,52 @@ def check_matches_model(tok, cfg) -> SpecialIds:
   if len(tok) > cfg.vocab_size:
     raise ValueError(f'tokenizer has {len(tok)} tokens but model vocab_size is {cfg.vocab_size}')
   return ids
+
+
+_GENERATION_TAG = re.compile(r'{%-?\s*(end)?generation\s*-?%}')
+
+
+@dataclasses.dataclass
+class TextEncoder:
+  """Picklable chat rendering + tokenisation without transformers (see the module docstring)."""
+  backend: object              # tokenizers.Tokenizer
+  chat_template: str
+  template_vars: Dict[str, object]
+  ids: SpecialIds
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state.pop('_compiled', None)
+    return state
+
+  def encode(self, text: str) -> List[int]:
+    return self.backend.encode(text, add_special_tokens=False).ids
+
+  def render(self, messages, add_generation_prompt: bool = True) -> str:
+    if getattr(self, '_compiled', None) is None:
+      self._compiled = _compile(self.chat_template)
+    return self._compiled.render(messages=messages, tools=None, documents=None,
+                                 add_generation_prompt=add_generation_prompt, **self.template_vars)
+
+
+def _compile(template: str):
+  import jinja2
+  import jinja2.ext
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+  env.filters['tojson'] = tojson
+  env.globals['raise_exception'] = raise_exception
+  return env.from_string(_GENERATION_TAG.sub('', template))  # {% generation %} only marks spans for masks
+
+
+def text_encoder(tok) -> TextEncoder:
+  """The TextEncoder of a loaded transformers tokenizer."""
+  template = tok.chat_template or prompts.QWEN_VL_CHAT_TEMPLATE
+  return TextEncoder(tok.backend_tokenizer, template, dict(tok.special_tokens_map), special_ids(tok))
