@@ -134,14 +134,17 @@ def test_metadata_shapes_static_and_errors():
     vision_inputs.build_vision_inputs(np.array([[1, 6, 10]]), P, V, full_chunk=32)
 
 
-def test_full_chunk_smaller_than_p_gives_same_output(hf_tower):
+def test_full_chunk_and_query_blocks_give_same_output(hf_tower):
+  """full_chunk < P (frames packed into chunks) and q_block < chunk (query blocks, with padding) change nothing."""
   _, params = hf_tower
   pix, grid_arr = _inputs()
   outs = []
-  for fc in (None, 96):
+  for fc, qb in ((None, 2048), (96, 2048), (None, 80)):
     meta = vision_inputs.build_vision_inputs_batch(grid_arr, P, V, full_chunk=fc)
-    outs.append(np.asarray(_apply(params, pix, meta)))
+    outs.append(np.asarray(jax.jit(lambda p, x, m: VisionTower(V, q_block=qb).apply({'params': p}, x, m))(
+        params, pix, meta)))
   np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+  np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
 
 
 def test_params_have_logical_names_and_bf16_runs(hf_tower):

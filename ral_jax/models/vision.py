@@ -54,20 +54,37 @@ def _gather_rows(x, index):
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def chunked_attention(q, k, v, index, segment, inverse, implementation=None):
+def _masked_attention(q, k, v, seg_q, seg_k, implementation):
+  """q [X,Q,N,H], k/v [X,C,N,H], seg_q [X,Q], seg_k [X,C]: attention where seg_q == seg_k."""
+  mask = seg_q[:, None, :, None] == seg_k[:, None, None, :]                                  # [X,1,Q,C]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def chunked_attention(q, k, v, index, segment, inverse, implementation=None, q_block: int = 2048):
   """Attention restricted to segments, on packed chunks.
 
   q, k, v [B,P,N,H]; index / segment [B,NC,C] (slot -> patch, slot -> segment id, -1 empty); inverse [B,P]
   (patch -> flat slot). Slot s of chunk c attends to slots of the same chunk with the same segment id:
     o[c,s] = sum_{s': seg[c,s'] == seg[c,s]} softmax_s'(q[c,s] . k[c,s'] / sqrt(H)) v[c,s']
+  Chunks longer than q_block are processed q_block query rows at a time (lax.map), so the logits held at once are
+  [B*NC,N,q_block,C], not [B*NC,N,C,C] (matters for the dense full-attention chunk of a long video).
   Returns [B,P,N,H]; rows of patches not in any slot are garbage (the caller masks them).
   """
   b, nc, c = index.shape
   flat = index.reshape(b, nc * c)
   qc, kc, vc = (_gather_rows(t, flat).reshape((b * nc, c) + t.shape[2:]) for t in (q, k, v))
   seg = segment.reshape(b * nc, c)
-  mask = (seg[:, None, :, None] == seg[:, None, None, :])                                     # [B*NC,1,C,C]
-  o = jax.nn.dot_product_attention(qc, kc, vc, mask=mask, implementation=implementation)   # [B*NC,C,N,H]
+  if c <= q_block:
+    o = _masked_attention(qc, kc, vc, seg, seg, implementation)                               # [B*NC,C,N,H]
+  else:
+    nq = -(-c // q_block)
+    pad = nq * q_block - c
+    qp = jnp.pad(qc, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    sp = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-2)     # padded query rows match no key; dropped
+    qb = qp.reshape((b * nc, nq, q_block) + qc.shape[2:]).swapaxes(0, 1)
+    sb = sp.reshape(b * nc, nq, q_block).swapaxes(0, 1)
+    o = jax.lax.map(lambda a: _masked_attention(a[0], kc, vc, a[1], seg, implementation), (qb, sb))
+    o = o.swapaxes(0, 1).reshape((b * nc, nq * q_block) + qc.shape[2:])[:, :c]
   return _gather_rows(o.reshape((b, nc * c) + o.shape[2:]), inverse)
 
 
@@ -76,6 +93,7 @@ class VisionAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: Any = None
+  q_block: int = 2048
 
   @nn.compact
   def __call__(self, x, cos, sin, index, segment, inverse):
@@ -85,7 +103,7 @@ class VisionAttention(nn.Module):
                        name='qkv', **kw)(x)                                                  # [B,P,3,N,Hd]
     q, k, val = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = chunked_attention(q, k, val, index, segment, inverse, self.attention_impl)
+    o = chunked_attention(q, k, val, index, segment, inverse, self.attention_impl, self.q_block)
     return DenseGeneral((v.hidden_size,), ('vision_heads', 'head_dim'), ('vision_embed',), name='proj', **kw)(o)
 
 
@@ -109,12 +127,13 @@ class VisionBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: Any = None
+  q_block: int = 2048
 
   @nn.compact
   def __call__(self, x, cos, sin, index, segment, inverse):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eps = self.cfg.rms_norm_eps
-    x = x + VisionAttention(self.cfg, attention_impl=self.attention_impl, name='attn', **kw)(
+    x = x + VisionAttention(self.cfg, self.dtype, self.param_dtype, self.attention_impl, self.q_block, name='attn')(
         RMSNorm(eps, name='norm1', **kw)(x), cos, sin, index, segment, inverse)
     return x + VisionMLP(self.cfg, name='mlp', **kw)(RMSNorm(eps, name='norm2', **kw)(x))
 
@@ -137,11 +156,15 @@ class PatchMerger(nn.Module):
 
 
 class VisionTower(nn.Module):
-  """pixel_values [B,P,patch_dim] float32, meta (build_vision_inputs, batched) -> [B,P/4,out_hidden_size]."""
+  """pixel_values [B,P,patch_dim] float32, meta (build_vision_inputs, batched) -> [B,P/4,out_hidden_size].
+
+  attention_impl: jax.nn.dot_product_attention's implementation (None: XLA). q_block: query rows per step in
+  attention chunks longer than it (bounds the logits' memory; see chunked_attention)."""
   cfg: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: Any = None
+  q_block: int = 2048
 
   @nn.compact
   def __call__(self, pixel_values, meta: Dict[str, jax.Array]):
@@ -158,7 +181,7 @@ class VisionTower(nn.Module):
     full = set(v.fullatt_block_indexes)
     for i in range(v.depth):
       g = 'full' if i in full else 'win'
-      x = VisionBlock(v, attention_impl=self.attention_impl, name=f'blocks_{i}', **kw)(
+      x = VisionBlock(v, self.dtype, self.param_dtype, self.attention_impl, self.q_block, name=f'blocks_{i}')(
           x, cos, sin, meta[f'{g}_index'], meta[f'{g}_segment'], meta[f'{g}_inverse'])
     y = PatchMerger(v, name='merger', **kw)(x)
     keep = meta['valid'].reshape(b, p // v.merge_unit, v.merge_unit)[..., 0]
