@@ -144,6 +144,10 @@ def test_loads_onto_mesh_shardings(ckpts):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   q = params['model']['layers']['self_attn']['q_proj']['kernel']
   assert len({d.id for d in q.sharding.device_set}) == 8 and q.addressable_shards[0].data.shape != q.shape
+  _, p2 = hf_io.load_hf(str(ckpts / 'f32'), mesh=mesh)
+  assert jax.tree.map(lambda a: a.sharding, p2) == jax.tree.map(lambda a: a.sharding, params)
+  with pytest.raises(ValueError, match='no entry for parameter visual/patch_embed'):
+    hf_io.load_hf(str(ckpts / 'f32'), shardings={k: v for k, v in shardings.items() if k != 'visual'})
 
 
 def test_errors_name_the_tensor_or_field(ckpts, tmp_path):

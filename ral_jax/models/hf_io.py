@@ -137,10 +137,27 @@ def _get(tree, path: Tuple[str, ...]):
   return tree
 
 
-def load_hf(ckpt_dir: str, shardings: Any = None, param_dtype: Optional[str] = None,
+def model_shardings(cfg: ModelConfig, mesh, rules=None):
+  """NamedShardings of every parameter of Qwen25VL(cfg), 'visual' included (sharding.DEFAULT_RULES by default)."""
+  from ral_jax import sharding  # pylint: disable=import-outside-toplevel
+  from ral_jax.models.vision_inputs import build_vision_inputs_batch  # pylint: disable=import-outside-toplevel
+  m = cfg.vision.spatial_merge_size
+  p = 4 * m * m
+  pix = jax.numpy.zeros((1, p, cfg.vision.patch_dim), jax.numpy.float32)
+  meta = build_vision_inputs_batch(np.array([[[1, 2 * m, 2 * m]]]), p, cfg.vision)
+  rules = sharding.logical_rules() if rules is None else rules
+  return sharding.model_param_shardings(cfg, mesh, rules, (pix, meta))[1]
+
+
+def load_hf(ckpt_dir: str, shardings: Any = None, param_dtype: Optional[str] = None, *, mesh=None, rules=None,
             **cfg_overrides: Any) -> Tuple[ModelConfig, Dict[str, Any]]:
-  """Reads an HF Qwen2.5-VL checkpoint directory into (cfg, params) (see the module docstring)."""
+  """Reads an HF Qwen2.5-VL checkpoint directory into (cfg, params) (see the module docstring).
+
+  Placement: `shardings` (a params-shaped pytree of jax Shardings), else `mesh` (+ logical `rules`) through
+  `model_shardings`, else the first device."""
   cfg = read_config(ckpt_dir, **cfg_overrides)
+  if shardings is None and mesh is not None:
+    shardings = model_shardings(cfg, mesh, rules)
   where = _open_files(ckpt_dir)
   scheme = hf_names.detect_scheme(where)
   specs = hf_names.all_specs(cfg, scheme)
@@ -149,7 +166,11 @@ def load_hf(ckpt_dir: str, shardings: Any = None, param_dtype: Optional[str] = N
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params: Dict[str, Any] = {}
   for spec in specs:
-    sharding = default if shardings is None else _get(shardings, spec.path)
+    try:
+      sharding = default if shardings is None else _get(shardings, spec.path)
+    except KeyError as e:
+      raise ValueError(f'shardings has no entry for parameter {"/".join(spec.path)}: build it for the whole model '
+                       "('visual' included), e.g. with hf_io.model_shardings(cfg, mesh)") from e
     leaf = jax.make_array_from_callback(spec.full_flax_shape, sharding, _leaf_callback(spec, where, dtype))
     _set(params, spec.path, leaf)
   return cfg, params
