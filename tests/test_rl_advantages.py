@@ -86,3 +86,14 @@ def test_aggregation_empty_is_zero():
   assert float(aggregate(jnp.ones((2, 3)), jnp.zeros((2, 3)), 'token_mean')) == 0.0
   with pytest.raises(ValueError, match='aggregation mode'):
     aggregate(jnp.ones((2, 3)), jnp.ones((2, 3)), 'mean')
+
+
+@pytest.mark.parametrize('mode,den', [('token_mean', 3.0), ('seq_mean_token_mean', 2.0),
+                                      ('seq_mean_token_sum', 2.0), ('drgrpo', 8.0)])
+def test_denominator_split_sums_to_whole(mode, den):
+  from ral_jax.rl.aggregation import aggregation_denominator
+  x, m = jnp.array(X), jnp.array(M)
+  d = aggregation_denominator(m, mode, 4)
+  np.testing.assert_allclose(d, den)                       # 3 tokens; 2 valid sequences; 2 * max_len 4
+  parts = aggregate(x[:1], m[:1], mode, 4, d) + aggregate(x[1:], m[1:], mode, 4, d)
+  np.testing.assert_allclose(parts, aggregate(x, m, mode, 4), rtol=1e-6)

@@ -119,3 +119,26 @@ def test_missing_inputs_and_update_count_checks():
   assert len(w) == 1 and 'exactly zero' in str(w[0].message)
   check_updates_per_rollout(ObjectiveConfig(), 4)
   check_updates_per_rollout(ObjectiveConfig(ral=RALConfig(lambda_attn=0.0)), 1)
+
+
+@pytest.mark.parametrize('mode', ['token_mean', 'seq_mean_token_mean'])
+def test_micro_batch_accumulation_by_summation_is_exact(mode):
+  from ral_jax.rl.objective import loss_denominators
+  batch, stats, policy = _batch_and_outputs()
+  cfg = ObjectiveConfig(grpo=GRPOConfig(aggregation=mode), ral=RALConfig(lambda_attn=2.0, aggregation='drgrpo'),
+                        distill=DistillConfig(mu=0.5, gamma_attn=0.5))
+  den = loss_denominators(cfg, batch.response_mask)
+  assert set(den) == {mode, 'drgrpo'}
+
+  def lossg(lp, pol, lo_hi, den):
+    rows = slice(*lo_hi)
+    take = lambda t: jax.tree.map(lambda v: v[rows], t)
+    return total_loss(cfg, take(batch), take(stats).replace(logprobs=lp[rows]), pol[rows], den)[0]
+
+  f = jax.jit(jax.value_and_grad(lossg, argnums=(0, 1)), static_argnums=(2,))
+  whole, gw = f(stats.logprobs, policy, (0, 4), None)
+  a, ga = f(stats.logprobs, policy, (0, 1), den)           # uneven split: 4 tokens | 12 tokens
+  b, gb = f(stats.logprobs, policy, (1, 4), den)
+  np.testing.assert_allclose(a + b, whole, rtol=1e-5)
+  for x, y, z in zip(ga, gb, gw):
+    np.testing.assert_allclose(x + y, z, rtol=1e-5, atol=1e-7)

@@ -43,23 +43,40 @@ def masked_max(x, mask) -> jnp.ndarray:
   return jnp.where(jnp.any(mask), jnp.max(jnp.where(mask, jnp.asarray(x, jnp.float32), -jnp.inf)), 0.0)
 
 
-def aggregate(x, mask, mode: str, max_len: Optional[int] = None) -> jnp.ndarray:
-  """Reduces x [B,T] over its valid entries by `mode` (see the module docstring); returns a float32 scalar."""
+def aggregation_denominator(mask, mode: str, max_len: Optional[int] = None) -> jnp.ndarray:
+  """The scalar every mode divides by: tokens ('token_mean'), valid sequences |V| ('seq_mean_*'), |V| * L
+  ('drgrpo'); at least 1. Compute it on a whole mini-batch and pass it to `aggregate(..., denominator=)` of each
+  micro-batch: the micro-batch losses then *sum* to the mini-batch loss exactly (gradient accumulation)."""
   if mode not in AGGREGATIONS:
     raise ValueError(f'aggregation mode {mode!r} is not supported; use one of {list(AGGREGATIONS)}')
+  mask = as_mask(mask)
+  n_tok = jnp.sum(mask.astype(jnp.float32), axis=-1)
+  if mode == 'token_mean':
+    return jnp.maximum(jnp.sum(n_tok), 1.0)
+  n_seq = jnp.maximum(jnp.sum((n_tok > 0).astype(jnp.float32)), 1.0)
+  if mode == 'drgrpo':
+    return n_seq * float(max_len if max_len is not None else mask.shape[-1])
+  return n_seq
+
+
+def aggregate(x, mask, mode: str, max_len: Optional[int] = None, denominator=None) -> jnp.ndarray:
+  """Reduces x [B,T] over its valid entries by `mode` (see the module docstring); returns a float32 scalar.
+
+  denominator: None = this batch's own (aggregation_denominator(mask, mode, max_len)); or a scalar computed on the
+  enclosing mini-batch, for micro-batch accumulation by summation.
+  """
   x = jnp.asarray(x)
   mask = as_mask(mask)
   if x.ndim != 2 or x.shape != mask.shape:
     raise ValueError(f'aggregate expects x and mask of the same shape [B,T]; got {x.shape} and {mask.shape}')
+  if denominator is None:
+    denominator = aggregation_denominator(mask, mode, max_len)
+  elif mode not in AGGREGATIONS:
+    raise ValueError(f'aggregation mode {mode!r} is not supported; use one of {list(AGGREGATIONS)}')
   per_seq_sum = masked_sum(x, mask, axis=1)                         # [B]
-  n_tok = jnp.sum(mask.astype(jnp.float32), axis=1)                  # [B]
-  valid_seq = n_tok > 0
-  n_seq = jnp.maximum(jnp.sum(valid_seq.astype(jnp.float32)), 1.0)
-  if mode == 'token_mean':
-    return jnp.sum(per_seq_sum) / jnp.maximum(jnp.sum(n_tok), 1.0)
   if mode == 'seq_mean_token_mean':
-    return jnp.sum(jnp.where(valid_seq, per_seq_sum / jnp.maximum(n_tok, 1.0), 0.0)) / n_seq
-  if mode == 'seq_mean_token_sum':
-    return jnp.sum(per_seq_sum) / n_seq
-  length = float(max_len if max_len is not None else x.shape[1])
-  return jnp.sum(per_seq_sum) / (n_seq * length)
+    n_tok = jnp.sum(mask.astype(jnp.float32), axis=1)
+    numerator = jnp.sum(per_seq_sum / jnp.maximum(n_tok, 1.0))      # empty sequences contribute 0
+  else:
+    numerator = jnp.sum(per_seq_sum)
+  return numerator / denominator

@@ -81,18 +81,19 @@ def _prepare(policy, other, row_mask, key_mask):
 
 
 def ral_loss(policy, old_policy, advantages, row_mask, key_mask=None, aggregation: str = 'token_mean',
-             max_len: Optional[int] = None, visual_key_mask=None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+             max_len: Optional[int] = None, visual_key_mask=None,
+             denominator=None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """L_RAL = aggregate(A_b * JSD(p_theta || p_old)) over valid rows. policy, old_policy [B,R,S]; advantages [B].
 
   Metrics 'ral/...': loss, jsd (mean over valid rows), jsd_max, jsd_pos_adv / jsd_neg_adv (mean over rows of
   sequences with A > 0 / A < 0; 0 when there are none), frac_rows_pos_adv / frac_rows_neg_adv, and with a visual key
-  mask [B,S]: visual_mass (current rows) and visual_mass_old.
+  mask [B,S]: visual_mass (current rows) and visual_mass_old. denominator: see aggregation.aggregate.
   """
   chex.assert_shape(advantages, policy.shape[:1])
   policy, old_policy, rm = _prepare(policy, old_policy, row_mask, key_mask)
   d = jsd(policy, old_policy, key_mask)                              # [B,R]
   adv = jnp.asarray(advantages, jnp.float32)[:, None]
-  loss = aggregate(adv * d, rm, aggregation, max_len)
+  loss = aggregate(adv * d, rm, aggregation, max_len, denominator)
   pos, neg = rm & (adv > 0), rm & (adv < 0)
   metrics = {
       'ral/loss': loss,
@@ -111,14 +112,14 @@ def ral_loss(policy, old_policy, advantages, row_mask, key_mask=None, aggregatio
 
 def attention_distill_loss(policy, teacher_policy, row_mask, key_mask=None, aggregation: str = 'token_mean',
                            max_len: Optional[int] = None,
-                           visual_key_mask=None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+                           visual_key_mask=None, denominator=None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """L_attn_distill = aggregate(JSD(p_student || p_teacher)) over valid rows; [B,R,S] inputs, teacher fixed.
 
   Metrics 'attn_distill/...': loss, jsd (mean over valid rows), and with a visual key mask visual_mass_teacher.
   """
   policy, teacher_policy, rm = _prepare(policy, teacher_policy, row_mask, key_mask)
   d = jsd(policy, teacher_policy, key_mask)
-  loss = aggregate(d, rm, aggregation, max_len)
+  loss = aggregate(d, rm, aggregation, max_len, denominator)
   metrics = {'attn_distill/loss': loss, 'attn_distill/jsd': masked_mean(d, rm)}
   if visual_key_mask is not None:
     metrics['attn_distill/visual_mass_teacher'] = visual_mass(teacher_policy, rm, visual_key_mask)

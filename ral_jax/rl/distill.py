@@ -31,12 +31,13 @@ def sampled_kd_per_token(logprobs, teacher_logprobs) -> jnp.ndarray:
 
 def token_distill_loss(mask, estimator: str = 'full', *, reverse_kl=None, logprobs=None, teacher_logprobs=None,
                        aggregation: str = 'token_mean',
-                       max_len: Optional[int] = None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+                       max_len: Optional[int] = None,
+                       denominator=None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """L_gkd over valid response tokens. mask [B,T]; 'full' needs reverse_kl [B,T], 'sampled' needs logprobs and
   teacher_logprobs [B,T] (both from logprobs.TokenStats).
 
   Metrics 'kd/...': loss; reverse_kl (mean full KL, when given); sampled_kl (mean one-sample estimate, when the
-  log-probs are given).
+  log-probs are given). denominator: see aggregation.aggregate.
   """
   if estimator not in KD_ESTIMATORS:
     raise ValueError(f'kd estimator {estimator!r} is not supported; use one of {list(KD_ESTIMATORS)}')
@@ -59,6 +60,6 @@ def token_distill_loss(mask, estimator: str = 'full', *, reverse_kl=None, logpro
     if logprobs is None or teacher_logprobs is None:
       raise ValueError("kd_estimator='sampled' needs logprobs and teacher_logprobs [B,T]")
     per_token = sampled_kd_per_token(lp, tlp)
-  loss = aggregate(per_token, m, aggregation, max_len)
+  loss = aggregate(per_token, m, aggregation, max_len, denominator)
   metrics['kd/loss'] = loss
   return loss, metrics

@@ -9,11 +9,12 @@ Tr response positions, R = Tr recorded rows, S keys.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import flax.struct
 import jax.numpy as jnp
 
+from ral_jax.rl.aggregation import aggregation_denominator
 from ral_jax.rl.attention_loss import attention_distill_loss, ral_loss, visual_mass
 from ral_jax.rl.config import ObjectiveConfig
 from ral_jax.rl.distill import token_distill_loss
@@ -44,30 +45,44 @@ class RLBatch:
   teacher_policy: Optional[jnp.ndarray] = None
 
 
-def total_loss(cfg: ObjectiveConfig, batch: RLBatch, stats: TokenStats,
-               policy: Optional[jnp.ndarray] = None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+def loss_denominators(cfg: ObjectiveConfig, response_mask) -> Dict[str, jnp.ndarray]:
+  """{aggregation mode: scalar denominator} of every mode cfg uses, computed on a whole mini-batch's mask [B,Tr].
+
+  For gradient accumulation: pass the result to total_loss of each micro-batch and *sum* the micro-batch losses
+  and gradients; that equals the loss of the whole mini-batch exactly, for every aggregation mode.
+  """
+  modes = {cfg.grpo.aggregation, cfg.ral_aggregation, cfg.kd_aggregation, cfg.attn_distill_aggregation}
+  return {m: aggregation_denominator(response_mask, m, cfg.grpo.max_response_length) for m in sorted(modes)}
+
+
+def total_loss(cfg: ObjectiveConfig, batch: RLBatch, stats: TokenStats, policy: Optional[jnp.ndarray] = None,
+               denominators: Optional[Mapping[str, jnp.ndarray]] = None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """(loss, metrics) for the current policy's TokenStats [B,Tr] and attention rows policy [B,R,S] (or None).
 
+  denominators: None = each term normalises by this batch; or loss_denominators(cfg, mini-batch mask) for exact
+  micro-batch accumulation by summation (the metrics stay per-micro-batch means).
   Raises (at trace time) when a term with a positive weight lacks its inputs. Metrics: the union of the terms'
   metrics, 'loss', and 'attn/visual_mass' of the current rows when a visual key mask is given.
   """
   mask = batch.response_mask
   max_len = cfg.grpo.max_response_length
+  den = (lambda mode: None) if denominators is None else (lambda mode: denominators[mode])
   loss, metrics = grpo_loss(stats.logprobs, batch.old_logprobs, batch.advantages, mask, cfg.grpo,
-                            ref_logprobs=batch.ref_logprobs, entropy=stats.entropy)
+                            ref_logprobs=batch.ref_logprobs, entropy=stats.entropy,
+                            denominator=den(cfg.grpo.aggregation))
   if cfg.ral.lambda_attn > 0:
     if policy is None or batch.old_policy is None:
       raise ValueError('ral.lambda_attn > 0 needs the current attention policy and batch.old_policy [B,R,S]; '
                        'record the attention rows in both forwards or set ral.lambda_attn=0')
     l_ral, m_ral = ral_loss(policy, batch.old_policy, batch.advantages, mask, batch.key_mask, cfg.ral_aggregation,
-                            max_len, batch.visual_key_mask)
+                            max_len, batch.visual_key_mask, den(cfg.ral_aggregation))
     loss = loss + cfg.ral.lambda_attn * l_ral
     metrics.update(m_ral)
   d = cfg.distill
   if d is not None and d.mu > 0:
     l_kd, m_kd = token_distill_loss(mask, d.kd_estimator, reverse_kl=stats.reverse_kl, logprobs=stats.logprobs,
                                     teacher_logprobs=stats.teacher_logprobs, aggregation=cfg.kd_aggregation,
-                                    max_len=max_len)
+                                    max_len=max_len, denominator=den(cfg.kd_aggregation))
     loss = loss + d.mu * l_kd
     metrics.update(m_kd)
   if d is not None and d.gamma_attn > 0:
@@ -75,7 +90,8 @@ def total_loss(cfg: ObjectiveConfig, batch: RLBatch, stats: TokenStats,
       raise ValueError('distill.gamma_attn > 0 needs the student attention policy and batch.teacher_policy '
                        '[B,R,S]; record both or set distill.gamma_attn=0')
     l_ad, m_ad = attention_distill_loss(policy, batch.teacher_policy, mask, batch.key_mask,
-                                        cfg.attn_distill_aggregation, max_len, batch.visual_key_mask)
+                                        cfg.attn_distill_aggregation, max_len, batch.visual_key_mask,
+                                        den(cfg.attn_distill_aggregation))
     loss = loss + d.gamma_attn * l_ad
     metrics.update(m_ad)
   if policy is not None and batch.visual_key_mask is not None:
@@ -85,7 +101,7 @@ def total_loss(cfg: ObjectiveConfig, batch: RLBatch, stats: TokenStats,
 
 
 def loss_from_hidden(cfg: ObjectiveConfig, batch: RLBatch, hidden, kernel, policy=None, teacher_hidden=None,
-                     teacher_kernel=None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+                     teacher_kernel=None, denominators=None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """total_loss with TokenStats computed in chunks from the response hidden states.
 
   hidden [B,Tr,D]: the final-normed states that predict the response tokens (logprobs.response_slice of the model's
@@ -94,4 +110,4 @@ def loss_from_hidden(cfg: ObjectiveConfig, batch: RLBatch, hidden, kernel, polic
   """
   stats = token_stats_from_hidden(hidden, kernel, batch.response_ids, cfg.logprob_chunk, cfg.temperature,
                                   with_entropy=True, teacher_hidden=teacher_hidden, teacher_kernel=teacher_kernel)
-  return total_loss(cfg, batch, stats, policy)
+  return total_loss(cfg, batch, stats, policy, denominators)

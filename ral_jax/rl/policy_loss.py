@@ -45,11 +45,12 @@ def kl_penalty(logprobs, ref_logprobs, estimator: str = 'k3') -> jnp.ndarray:
 
 
 def grpo_loss(logprobs, old_logprobs, advantages, mask, cfg: GRPOConfig = GRPOConfig(), ref_logprobs=None,
-              entropy=None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+              entropy=None, denominator=None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """GRPO token loss. logprobs, old_logprobs, ref_logprobs, entropy, mask: [B,T]; advantages [B].
 
   Returns (scalar loss, metrics dict of scalars keyed 'grpo/...'). ref_logprobs may be None only when beta == 0.
   old_logprobs and ref_logprobs are constants (stop_gradient); only logprobs carries the gradient.
+  denominator: see aggregation.aggregate (micro-batch accumulation); None = this batch's own.
   """
   chex.assert_rank([logprobs, advantages], [2, 1])
   chex.assert_equal_shape([logprobs, old_logprobs, mask])
@@ -76,13 +77,13 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, cfg: GRPOConfig = GRPOCo
     metrics['grpo/kl_ref'] = masked_mean(kl, m)
     if cfg.beta > 0:
       per_token = per_token + cfg.beta * kl
-  loss = aggregate(per_token, m, cfg.aggregation, cfg.max_response_length)
+  loss = aggregate(per_token, m, cfg.aggregation, cfg.max_response_length, denominator)
 
   low = (adv < 0) & (ratio < 1.0 - cfg.clip_eps_low)
   high = (adv > 0) & (ratio > 1.0 + cfg.clip_eps_high)
   metrics.update({
       'grpo/loss': loss,
-      'grpo/pg_loss': aggregate(pg, m, cfg.aggregation, cfg.max_response_length),
+      'grpo/pg_loss': aggregate(pg, m, cfg.aggregation, cfg.max_response_length, denominator),
       'grpo/clip_frac_low': masked_mean(low, m),
       'grpo/clip_frac_high': masked_mean(high, m),
       'grpo/clip_frac': masked_mean(low | high, m),
