@@ -34,6 +34,8 @@ def main(argv):
     jax.distributed.initialize()
   if jax.process_index() != 0:
     logging.set_verbosity(logging.ERROR)
+  elif not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)   # the console shows the progress bar; pass --verbosity=0 for INFO
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/video.py')

@@ -143,6 +143,7 @@ class Trainer:
         _say(f'held-out accuracy before training: {ev["eval/accuracy"]:.3f} '
              f'(format {ev["eval/format"]:.3f}, {int(ev["eval/examples"])} examples, greedy)', writer)
       last = {}
+      t_prev = time.perf_counter()
       for outer in range(done + 1, total + 1):
         new_stage = self.stage_of(outer)
         if new_stage != stage or (new_stage == 'rl' and ref is None):
@@ -162,6 +163,8 @@ class Trainer:
             logging.info('step %d sample response: %r', outer, texts[0][:300])
         m = dict(m)
         m.update(self._data_metrics())
+        now = time.perf_counter()
+        m['time/step_wall'], t_prev = now - t_prev, now
         if run.loop.eval_every and outer % run.loop.eval_every == 0 and outer < total:
           m.update(self.evaluate(state.params, outer))
         if outer % run.loop.log_every == 0 or outer == total:
@@ -197,14 +200,19 @@ class Trainer:
     return m
 
   def export(self, params):
+    """The policy as an HF checkpoint directory (config.json, safetensors, tokenizer files) in <workdir>/hf_export."""
+    import glob
+    import shutil
+    from ral_jax.models import hf_io
     out = os.path.join(self.workdir, 'hf_export')
-    try:
-      from ral_jax.models import hf_io
-    except ImportError as e:
-      logging.warning('HF export skipped: %s', e)
-      return
-    hf_io.export_params(jax.device_get(params), self.model_cfg, out)
-    _say(f'exported the policy as an HF checkpoint to {out}')
+    if jax.process_index() == 0:
+      hf_io.save_hf(jax.device_get(params), self.model_cfg, out, max_shard_bytes=4 << 30)
+      tok_dir = self.config.data.tokenizer or self.config.model.hf_checkpoint or tokenizer_lib.EMBEDDED_DIR
+      for f in glob.glob(os.path.join(tok_dir, '*')):
+        name = os.path.basename(f)
+        if os.path.isfile(f) and ('token' in name or 'chat_template' in name or name in ('vocab.json', 'merges.txt')):
+          shutil.copy(f, os.path.join(out, name))
+      _say(f'exported the policy as an HF checkpoint to {out}')
 
 
 def run(config, workdir: str) -> Dict[str, float]:

@@ -76,7 +76,8 @@ def init_model_params(cfg: ModelConfig, mesh, rules, seed: int, hf_checkpoint: s
   if hf_checkpoint:
     from ral_jax.models import hf_io
     _, shardings = sharding.state_shardings(init_fn, mesh, rules)
-    return hf_io.load_params(hf_checkpoint, cfg, shardings=shardings)
+    _, params = hf_io.load_hf(hf_checkpoint, shardings=shardings, param_dtype=cfg.param_dtype)
+    return params
   return sharding.init_sharded(init_fn, mesh, rules)
 
 

@@ -192,7 +192,7 @@ def sft_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, response_i
                                  with_entropy=False).logprobs
     loss = -masked_mean(lp, mask)
     acc = masked_mean((lp > jnp.log(0.5)).astype(jnp.float32), mask)
-    return loss, {'loss': loss, 'token_p>0.5': acc}
+    return loss, {'loss': loss, 'token_p50': acc}
 
   micro = split_rows((x, response_ids, response_mask), sc.sft_micro_batches)
   loss, grads, metrics = _accumulate(loss_fn, state.params, micro, sc.sft_micro_batches)
