@@ -57,8 +57,9 @@ def _cell(summaries: Mapping[str, dict], name: Optional[str], column: str) -> st
 def paper_tables(summaries: Mapping[str, dict], method: str = 'this run') -> str:
   """The two tables of method.md s.7 with one row, `method`, filled from `summaries` (keyed by adapter name)."""
   out = []
-  for title, cols in (('Image', IMAGE_COLUMNS), ('Video', VIDEO_COLUMNS)):
-    out.append(f'{title} benchmarks (accuracy %; MME in the paper is a sum score)')
+  for title, cols in (('Image benchmarks (accuracy %; MME in the paper is a sum score)', IMAGE_COLUMNS),
+                      ('Video benchmarks (accuracy %)', VIDEO_COLUMNS)):
+    out.append(title)
     out.append('| method | ' + ' | '.join(c for c, _ in cols) + ' |')
     out.append('|---' * (len(cols) + 1) + '|')
     out.append(f'| {method} | ' + ' | '.join(_cell(summaries, n, c) for c, n in cols) + ' |')
