@@ -4,7 +4,7 @@ Video-R1 problem types and how an extracted answer is compared with the ground t
   'multiple choice'  the option letter: "B", "b", "B.", "(B)", "B) text", "B: text", "Option B" all mean B; when the
                      answer carries no letter but equals one option's text (options like "A. red car"), that option's
                      letter. Score 1 or 0.
-  'numerical'        compared as numbers ("3" == "3.0" == "3.00", "1,000" == "1000", "50%" == "50"); equal when
+  'numerical'        compared as numbers ("3" == "3.0", "1,000" == "1000", "50%" == "50", "1/2" == "0.5"); equal when
                      |a - b| <= 1e-6 * max(1, |b|). The first number in the text is used when it is not a bare number.
                      Score 1 or 0.
   'OCR', 'free-form' case-folded, whitespace-collapsed exact match, one trailing period ignored. Score 1 or 0.
@@ -27,6 +27,7 @@ MRA_TOLERANCES = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
 _LETTER = re.compile(r'^(?:option\s*|answer\s*[:：]?\s*)?\(?\s*([A-Za-z])\s*(?:[).:：,]|\s|$)', re.IGNORECASE)
 _OPTION_PREFIX = re.compile(r'^\(?([A-Z])\s*[).:：]\s*')
 _NUMBER = re.compile(r'[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?')
+_FRACTION = re.compile(r'([-+]?\d{1,18})\s*/\s*(\d{1,18})')
 _THOUSANDS = re.compile(r'(?<=\d),(?=\d{3}(?!\d))')
 
 
@@ -81,8 +82,12 @@ def choice_letter(answer: str, options: Sequence[str] = ()) -> Optional[str]:
 
 
 def parse_number(s: str) -> Optional[float]:
-  """The answer as a float ('1,000' -> 1000, '50%' -> 50, '$3.5' -> 3.5), else the first number in it, else None."""
+  """The answer as a float ('1,000' -> 1000, '50%' -> 50, '$3.5' -> 3.5, '3/4' -> 0.75), else the first number in
+  it, else None (also for non-finite values)."""
   t = _THOUSANDS.sub('', s.strip()).strip().rstrip('%').lstrip('$').strip()
+  frac = _FRACTION.fullmatch(t)
+  if frac and int(frac.group(2)) != 0:
+    return int(frac.group(1)) / int(frac.group(2))
   try:
     v = float(t)
   except (ValueError, OverflowError):
