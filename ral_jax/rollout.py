@@ -1,9 +1,12 @@
 """Rollout engine: G sampled responses per prompt from a KV-cache decoder, jit-compiled and sharded.
 
-API (the trainer calls `generate`; `prefill` / `decode` are exposed for the benchmark):
+API (the trainer calls `generate`; `prefill` / `sampler_weights` / `decode` are exposed for the benchmark):
   out = generate(params, cfg, prompts, visual_embeds, rng, sampling, num_samples=G, mesh=None, rules=None)
-    params         the training parameters {'model', 'lm_head'[, 'visual']} (used in place; 'visual' is ignored);
-                   cast to `sampling.dtype` once per call (no copy when they already have that dtype).
+    params         the training parameters {'model', 'lm_head'[, 'visual']} ('visual' is ignored), not modified.
+                   The prefill casts them to `sampling.dtype` inside its program (transient); the decode loop
+                   runs on one per-layer copy in `sampling.dtype` made once per call (decode.layer_params: the
+                   cast itself when training params are float32, an extra copy of the decoder when they are
+                   already bfloat16).
     cfg            models.config.ModelConfig (its `dtype` is replaced by `sampling.dtype`).
     prompts        dict(prompt_ids [B,Tp] int32 left-padded, prompt_mask [B,Tp] 1 = real token,
                         positions [3,B,Tp] int32 M-RoPE ids from models.positions.rope_index).
@@ -19,15 +22,16 @@ API (the trainer calls `generate`; `prefill` / `decode` are exposed for the benc
      (STOP_EOS = 0: a stop id was drawn; STOP_MAX_LEN = 1: Tr tokens without a stop id).
   Row b*G + g is sample g of prompt b (np.repeat order).
 
-How: one prefill per prompt ([B,Tp] through the cached forward, cache of Tp + Tr slots), the cache and the last
-logits repeated G times along the batch, token 0 drawn; then a `lax.while_loop` over `SamplingState`, one token per
-iteration: feed token j-1 (M-RoPE position next_pos + j - 1 in all three rows, next_pos = max prompt position + 1,
+How: one prefill per prompt ([B,Tp] through the model's cached forward, cache of Tp + Tr slots), the cache (split
+per layer, see decode.py) and the last logits repeated G times along the batch, token 0 drawn; then a
+`lax.while_loop` over `SamplingState`, one token per iteration (decode.decode_step): feed token j-1 (M-RoPE position next_pos + j - 1 in all three rows, next_pos = max prompt position + 1,
 cache slot Tp + j - 1), draw token j. The loop stops after Tr tokens or as soon as every row is done. The state
 (cache included) is donated to the decode program, so the cache is updated in place; all lengths are arrays, so
 one compilation serves a (B, Tp, Tr, G) bucket.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Dict, Optional
 
@@ -37,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ral_jax import decode as decode_lib
 from ral_jax import sampling as sampling_lib
 from ral_jax.models.vlm import Qwen25VL, init_cache
 from ral_jax.models import positions as positions_lib
@@ -65,7 +70,8 @@ class SamplingState:
   done:        [R] bool, the row drew a stop id or reached Tr tokens.
   stop_reason: [R] int32, STOP_EOS or STOP_MAX_LEN (STOP_MAX_LEN until a stop id is drawn).
   next_pos:    [R] int32, M-RoPE position of response token 0 (all three rows).
-  cache:       the decoder's KV cache (models/vlm.py): k, v [L,R,Tp+Tr,K,H], mask [R,Tp+Tr], index [R].
+  cache:       impl 'layers': decode.split_cache's {'k': L x [R,K,Tp+Tr,H], 'v': ..., 'valid': [R,Tp+Tr] bool};
+               impl 'model': the model's cache (models/vlm.py): k, v [L,R,Tp+Tr,K,H], mask [R,Tp+Tr], index [R].
   """
   step: jax.Array
   tokens: jax.Array
@@ -129,15 +135,6 @@ def check_prompts(cfg, prompts, visual_embeds, num_samples: int) -> None:
                      f'rows: pass the vision tower output for these prompts or raise the visual bucket')
 
 
-def _cast_params(params, dtype):
-  """Decoder params ('visual' dropped) cast to dtype; leaves already in dtype are passed through (no copy)."""
-  params = {k: v for k, v in params.items() if k != 'visual'}
-  if all(x.dtype == dtype or not jnp.issubdtype(x.dtype, jnp.floating) for x in jax.tree.leaves(params)):
-    return params
-  conv = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-  return jax.jit(lambda p: jax.tree.map(conv, p))(params)
-
-
 # ---- sharding of the sampling state ---------------------------------------------------------------------------
 
 def _constrain(tree, mesh, spec_fn):
@@ -149,19 +146,18 @@ def _constrain(tree, mesh, spec_fn):
 
 
 def _rows_spec(x):
-  """Batch (rows) axis over ('data','fsdp'); scalars replicated."""
-  return P() if x.ndim == 0 else P(('data', 'fsdp'))
+  """Rows axis over ('data','fsdp'), scalars replicated; KV caches [R,K,S,H] / [L,R,S,K,H]: kv heads over 'tensor'."""
+  if x.ndim == 0:
+    return P()
+  if x.ndim == 4:   # decode.split_cache [R,K,S,H]
+    return P(('data', 'fsdp'), 'tensor', None, None)
+  if x.ndim == 5:
+    return P(None, ('data', 'fsdp'), None, 'tensor', None)
+  return P(('data', 'fsdp'))
 
 
 def _constrain_state(state: SamplingState, mesh) -> SamplingState:
-  cache = dict(state.cache)
-  kv_spec = lambda x: P(None, ('data', 'fsdp'), None, 'tensor', None)
-  cache['k'] = _constrain(cache['k'], mesh, kv_spec)
-  cache['v'] = _constrain(cache['v'], mesh, kv_spec)
-  cache['mask'] = _constrain(cache['mask'], mesh, _rows_spec)
-  cache['index'] = _constrain(cache['index'], mesh, _rows_spec)
-  rest = _constrain(state.replace(cache={}), mesh, _rows_spec)
-  return rest.replace(cache=cache)
+  return _constrain(state, mesh, _rows_spec)
 
 
 # ---- the jitted programs ----------------------------------------------------------------------------------------
@@ -188,28 +184,49 @@ def _sample(logits, rng, step, sampling):
   return sampling_lib.sample_tokens(logits, sampling_lib.sample_keys(rng, step, rows), sampling)
 
 
+def _cast(params, dtype):
+  conv = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(conv, {k: v for k, v in params.items() if k != 'visual'})
+
+
 @functools.lru_cache(maxsize=32)
-def _programs(cfg, sampling, num_samples: int, mesh, rules):
-  """(prefill, decode) jitted for one (model config, sampling config, G, mesh) combination."""
+def _programs(cfg, sampling, num_samples: int, mesh, rules, impl: str):
+  """(weights, prefill, decode) jitted for one (model config, sampling config, G, mesh, decode impl) combination.
+
+  impl 'layers' (default): decode with ral_jax/decode.py (per-layer weights and caches, see there);
+  impl 'model': decode through the model's cached __call__ (stacked cache; the reference path)."""
+  if impl not in ('layers', 'model'):
+    raise ValueError(f"decode impl {impl!r}: use 'layers' (fast) or 'model' (reference)")
   model = Qwen25VL(cfg)
   G, Tr = num_samples, sampling.max_new_tokens
+  dt = jnp.dtype(cfg.dtype)
 
   def ctx():
     if mesh is None:
-      import contextlib
       return contextlib.nullcontext()
     from ral_jax.sharding import mesh_context, logical_rules
     return mesh_context(mesh, rules if rules is not None else logical_rules())
 
+  def weights_fn(params):
+    if impl == 'model':
+      return _cast(params, dt)
+    return decode_lib.layer_params(params, cfg, dt)
+
   def prefill_fn(params, prompt_ids, prompt_mask, positions, visual_embeds, rng):
+    params = _cast(params, dt)   # transient: freed when the prefill ends
     B, Tp = prompt_ids.shape
     cache = init_cache(cfg, B, Tp + Tr, cfg.dtype)
+    if visual_embeds is not None:
+      visual_embeds = visual_embeds.astype(dt)
     out = model.apply({'params': params}, prompt_ids, positions, prompt_mask, visual_embeds=visual_embeds,
                       return_hidden=True, cache=cache)
     logits = model.apply({'params': params}, out.hidden[:, -1:], method=Qwen25VL.logits_from_hidden)[:, 0]
     rep = lambda x, axis: jnp.repeat(x, G, axis=axis)
-    cache = {'k': rep(out.cache['k'], 1), 'v': rep(out.cache['v'], 1), 'mask': rep(out.cache['mask'], 0),
-             'index': rep(out.cache['index'], 0)}
+    if impl == 'model':
+      cache = {'k': rep(out.cache['k'], 1), 'v': rep(out.cache['v'], 1), 'mask': rep(out.cache['mask'], 0),
+               'index': rep(out.cache['index'], 0)}
+    else:
+      cache = decode_lib.split_cache(out.cache, G)
     R = B * G
     next_pos = rep(positions_lib.text_positions_after(positions, prompt_mask), 0)
     state = SamplingState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((R, Tr), sampling.pad_id, jnp.int32),
@@ -220,7 +237,7 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules):
     tok, lp = _sample(rep(logits, 0), rng, 0, sampling)
     return _constrain_state(_record_token(state, tok, lp, sampling), mesh)
 
-  def decode_fn(params, state, rng):
+  def decode_fn(weights, state, rng):
     R = state.tokens.shape[0]
 
     def cond(s):
@@ -229,10 +246,14 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules):
     def body(s):
       prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=True)        # [R,1]
       pos = jnp.broadcast_to((s.next_pos + s.step - 1)[None, :, None], (3, R, 1)).astype(jnp.int32)
-      out = model.apply({'params': params}, prev, pos, None, cache=s.cache)
-      tok, lp = _sample(out.logits[:, 0], rng, s.step, sampling)
-      s = _record_token(s.replace(cache=out.cache), tok, lp, sampling)
-      return _constrain_state(s, mesh)
+      if impl == 'model':
+        out = model.apply({'params': weights}, prev, pos, None, cache=s.cache)
+        logits, cache = out.logits[:, 0], out.cache
+      else:
+        slot = s.cache['valid'].shape[1] - Tr + s.step - 1            # Tp + j - 1, the same for every row
+        logits, cache = decode_lib.decode_step(weights, cfg, s.cache, prev[:, 0], pos, slot)
+      tok, lp = _sample(logits, rng, s.step, sampling)
+      return _constrain_state(_record_token(s.replace(cache=cache), tok, lp, sampling), mesh)
 
     s = jax.lax.while_loop(cond, body, _constrain_state(state, mesh))
     mask = (jnp.arange(Tr, dtype=jnp.int32)[None, :] < s.lengths[:, None]).astype(jnp.int32)
@@ -240,8 +261,13 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules):
                         stop_reason=s.stop_reason)
     return out, s   # the final state is returned so that every donated input buffer (the cache) is reused in place
 
+  weights_jit = jax.jit(weights_fn)
   prefill_jit = jax.jit(prefill_fn)
   decode_jit = jax.jit(decode_fn, donate_argnums=(1,))
+
+  def weights(*args):
+    with ctx():
+      return weights_jit(*args)
 
   def prefill(*args):
     with ctx():
@@ -251,7 +277,7 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules):
     with ctx():
       out, _ = decode_jit(*args)
     return out
-  return prefill, decode
+  return weights, prefill, decode
 
 
 def sampler_config(cfg, sampling):
@@ -259,28 +285,31 @@ def sampler_config(cfg, sampling):
   return cfg.replace(dtype=sampling.dtype, remat_policy='none')
 
 
+def sampler_weights(params, cfg, sampling, num_samples: int = 1, *, mesh=None, rules=None, impl: str = 'layers'):
+  """The decode weights: params cast to sampling.dtype once (per-layer trees for impl 'layers')."""
+  w, _, _ = _programs(sampler_config(cfg, sampling), sampling, num_samples, mesh, rules, impl)
+  return w(params)
+
+
 def prefill(params, cfg, prompts, visual_embeds, rng, sampling, num_samples: int = 1, *, mesh=None,
-            rules=None) -> SamplingState:
-  """Prefill + token 0: the SamplingState that `decode` continues. `params` must already be cast (see generate)."""
+            rules=None, impl: str = 'layers') -> SamplingState:
+  """Prefill (params cast inside, transiently) + token 0: the SamplingState that `decode` continues."""
   check_prompts(cfg, prompts, visual_embeds, num_samples)
-  scfg = sampler_config(cfg, sampling)
-  pre, _ = _programs(scfg, sampling, num_samples, mesh, rules)
+  _, pre, _ = _programs(sampler_config(cfg, sampling), sampling, num_samples, mesh, rules, impl)
   return pre(params, jnp.asarray(prompts['prompt_ids'], jnp.int32), jnp.asarray(prompts['prompt_mask'], jnp.int32),
              jnp.asarray(prompts['positions'], jnp.int32), visual_embeds, rng)
 
 
-def decode(params, cfg, state: SamplingState, rng, sampling, num_samples: int = 1, *, mesh=None,
-           rules=None) -> RolloutOutput:
-  """Runs the decode loop on a prefilled state (donated: do not reuse `state`)."""
-  _, dec = _programs(sampler_config(cfg, sampling), sampling, num_samples, mesh, rules)
-  return dec(params, state, rng)
+def decode(weights, cfg, state: SamplingState, rng, sampling, num_samples: int = 1, *, mesh=None,
+           rules=None, impl: str = 'layers') -> RolloutOutput:
+  """Runs the decode loop on a prefilled state (donated: do not reuse `state`); weights from `sampler_weights`."""
+  _, _, dec = _programs(sampler_config(cfg, sampling), sampling, num_samples, mesh, rules, impl)
+  return dec(weights, state, rng)
 
 
 def generate(params, cfg, prompts, visual_embeds, rng, sampling: sampling_lib.SamplingConfig,
-             num_samples: int = 1, *, mesh=None, rules=None) -> RolloutOutput:
+             num_samples: int = 1, *, mesh=None, rules=None, impl: str = 'layers') -> RolloutOutput:
   """G = num_samples responses per prompt; see the module docstring for arguments and outputs."""
-  p = _cast_params(params, jnp.dtype(sampling.dtype))
-  if visual_embeds is not None:
-    visual_embeds = jnp.asarray(visual_embeds).astype(sampling.dtype)
-  state = prefill(p, cfg, prompts, visual_embeds, rng, sampling, num_samples, mesh=mesh, rules=rules)
-  return decode(p, cfg, state, rng, sampling, num_samples, mesh=mesh, rules=rules)
+  state = prefill(params, cfg, prompts, visual_embeds, rng, sampling, num_samples, mesh=mesh, rules=rules, impl=impl)
+  weights = sampler_weights(params, cfg, sampling, num_samples, mesh=mesh, rules=rules, impl=impl)
+  return decode(weights, cfg, state, rng, sampling, num_samples, mesh=mesh, rules=rules, impl=impl)
