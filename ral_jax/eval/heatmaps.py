@@ -105,13 +105,16 @@ def _save_png(path: str, rgb: np.ndarray, title: str):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import textwrap
   h, w = rgb.shape[:2]
   scale = max(1.0, 256.0 / max(h, w))
-  fig = plt.figure(figsize=(w * scale / 100 + 0.2, h * scale / 100 + 0.5), dpi=100)
-  ax = fig.add_axes([0, 0, 1, h * scale / (h * scale + 40)])
+  lines = textwrap.wrap(title, max(16, int(w * scale / 7))) or ['']
+  top = 14 * len(lines) + 6
+  fig = plt.figure(figsize=(w * scale / 100, (h * scale + top) / 100), dpi=100)
+  ax = fig.add_axes([0, 0, 1, h * scale / (h * scale + top)])
   ax.imshow(rgb, interpolation='nearest')
   ax.axis('off')
-  fig.suptitle(title, fontsize=8, y=0.995)
+  fig.text(0.5, 1 - 3 / (h * scale + top), '\n'.join(lines), ha='center', va='top', fontsize=8)
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
