@@ -83,3 +83,38 @@ def test_video_config_validation():
   with pytest.raises(ValueError, match='fps'):
     media.VideoConfig(fps=0)
   assert os.path.basename(__file__).startswith('test_data_')
+
+
+def _gop_video(path, n, fps, gop, size=32):
+  import av
+  from fractions import Fraction
+  with av.open(path, 'w') as c:
+    s = c.add_stream('libx264', rate=Fraction(fps))
+    s.width, s.height, s.pix_fmt = size, size, 'yuv420p'
+    s.codec_context.gop_size = gop
+    s.options = {'crf': '4', 'keyint': str(gop), 'min-keyint': str(gop), 'scenecut': '0'}
+    for i in range(n):
+      f = np.full((size, size, 3), 4 * i + 4, np.uint8)
+      for pkt in s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')):
+        c.mux(pkt)
+    for pkt in s.encode():
+      c.mux(pkt)
+
+
+@pytest.mark.parametrize('fps,lo,hi', [(1.0, 4, 128), (1.5, 4, 6), (0.5, 2, 128)])
+def test_sparse_sampling_seeks_to_the_same_frames(tmp_path, monkeypatch, fps, lo, hi):
+  """A long clip with keyframes every 6 frames (and B-frames): the seek path returns exactly the frames the
+  index rule asks for, and sequential decoding is never called."""
+  path = str(tmp_path / 'long.mp4')
+  _gop_video(path, 60, 15, 6)
+  cfg = media.VideoConfig(fps=fps, min_frames=lo, max_frames=hi)
+  want = _ref_indices(60, 15, fps, lo, hi)
+  sequential, _ = media._decode(path, np.asarray(want))
+
+  def no_sequential(*a):
+    raise AssertionError('sequential decode used')
+  monkeypatch.setattr(media, '_decode', no_sequential)
+  frames, sample_fps = media.load_video(path, cfg)
+  assert [int(round((f.mean() - 4) / 4)) for f in frames] == want
+  assert sample_fps == pytest.approx(len(want) / 60 * 15)
+  np.testing.assert_array_equal(frames, np.stack(sequential))

@@ -1,6 +1,6 @@
 """Data benchmark: samples/s per CPU core, decoded and preprocessed, for the two shapes of the issue.
 
-    python -m ral_jax.bench.data [--repeats 8] [--pipeline]
+    python -m ral_jax.bench.data [--repeats 8] [--pipeline] [--long-video]
 
   video: 16-frame 448 x 448 H.264 clips at 1 fps, sampled at 1 fps, frames resized to the paper's budget
          (at most 128 x 28 x 28 px: 308 x 308, 3872 patches, 968 visual tokens)
@@ -72,6 +72,36 @@ def bench_media(vpath: str, ipath: str, frames: int, repeats: int):
   return rows
 
 
+def _long_video(root: str, frames: int, size: int, gop: int) -> str:
+  import av
+  path = os.path.join(root, 'long.mp4')
+  yy, xx = np.mgrid[0:size, 0:size]
+  with av.open(path, 'w') as c:
+    s = c.add_stream('libx264', rate=30)
+    s.width, s.height, s.pix_fmt = size, size, 'yuv420p'
+    s.codec_context.gop_size = gop
+    s.options = {'crf': '23'}
+    for t in range(frames):
+      f = np.stack([(xx + 3 * t) % 256, (yy + 2 * t) % 256, (xx + yy + t) // 4 % 256], -1).astype(np.uint8)
+      for pkt in s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')):
+        c.mux(pkt)
+    for pkt in s.encode():
+      c.mux(pkt)
+  return path
+
+
+def bench_long_video(root: str, repeats: int, frames: int = 600, size: int = 448, gop: int = 30):
+  """Sparse sampling of a long clip (30 fps, keyframe every `gop` frames, sampled at 1 fps): seek vs decoding
+  every frame (media._decode), both returning the same frames."""
+  path = _long_video(root, frames, size, gop)
+  cfg = media.VideoConfig(fps=1.0, max_frames=128)
+  rate, pts, keys, total = media._index(path)
+  keep = media.sample_indices(total, rate, cfg)
+  seek = _time(lambda: media.load_video(path, cfg), max(2, repeats // 2))
+  seq = _time(lambda: media._decode(path, keep), max(2, repeats // 2))
+  return len(keep), seek, seq
+
+
 def bench_pipeline(root: str, vpath: str, ipath: str, repeats: int):
   from ral_jax.data import pipeline
   from ral_jax.data.features import ExampleProcessor
@@ -111,6 +141,7 @@ def main(argv=None):
   p.add_argument('--video-size', type=int, default=448)
   p.add_argument('--image-size', type=int, default=896)
   p.add_argument('--pipeline', action='store_true', help='also time ExampleProcessor and the Grain pipeline')
+  p.add_argument('--long-video', action='store_true', help='also time sparse sampling of a 20 s 30 fps clip')
   a = p.parse_args(argv)
   os.environ.setdefault('HF_HUB_OFFLINE', '1')
   with tempfile.TemporaryDirectory() as root:
@@ -119,6 +150,10 @@ def main(argv=None):
     for name, grid, n, ours, peer in bench_media(vpath, ipath, a.video_frames, a.repeats):
       print(f'{name:5s} grid {tuple(int(g) for g in grid)} ({n} patches): ours {ours:7.2f} samples/s, '
             f'transformers Qwen2VLImageProcessor {peer:7.2f} samples/s, ratio ours/peer {ours / peer:5.2f}x')
+    if a.long_video:
+      n, seek, seq = bench_long_video(root, a.repeats)
+      print(f'long video 600 frames 448x448 @30 fps, keyframe every 30, {n} frames at 1 fps: load_video (seek) '
+            f'{seek:6.2f} samples/s, decoding every frame {seq:6.2f} samples/s, ratio {seek / seq:5.2f}x')
     if a.pipeline:
       for name, per_example, batched in bench_pipeline(root, vpath, ipath, a.repeats):
         print(f'{name:5s} ExampleProcessor {per_example:7.2f} samples/s; Grain pipeline (batch 4, 1 thread) '

@@ -5,7 +5,8 @@ Video frame sampling (the qwen-vl-utils rule, restated): with N decodable frames
   n = clamp(n, min_frames, min(max_frames, N)),   then floored to an even number (temporal patch of 2)
   indices = round(linspace(0, N - 1, n))
   sample_fps = n / N * r,   second_per_grid_t = temporal_patch / sample_fps.
-A clip of a single frame gives n = 1 (the processor repeats it to fill the temporal patch).
+A clip of a single frame gives n = 1 (the processor repeats it to fill the temporal patch). Frame i is the i-th
+frame in presentation order (packet pts sorted); sparse sampling of long clips seeks to keyframes.
 Failures raise BadRecord: 'missing_media' (no such file), 'corrupt_media' (undecodable), 'zero_frames' (no video
 stream, or no decodable frame).
 """
@@ -14,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
 from ral_jax.data.badinput import BadRecord
+
+SEEK_SPARSITY = 8  # seek when the clip has at least this many frames per sampled frame
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,15 +65,57 @@ def sample_indices(num_frames: int, native_fps: float, cfg: VideoConfig) -> np.n
   return np.round(np.linspace(0, num_frames - 1, n)).astype(np.int64)
 
 
-def _count_frames(path: str) -> Tuple[int, float]:
+def _index(path: str):
+  """(native fps, presentation-ordered frame pts or None, keyframe pts or None, frame count) from one demux pass
+  (no decoding). The pts lists are None when some packet has no pts (then only sequential decoding is used)."""
   import av
   with av.open(path) as c:
     if not c.streams.video:
       raise BadRecord('zero_frames', f'{path} has no video stream')
     s = c.streams.video[0]
     rate = float(s.average_rate or s.guessed_rate or 0) or 1.0
-    n = s.frames or sum(1 for p in c.demux(s) if p.size)
-  return int(n), rate
+    pts, keys = [], []
+    for p in c.demux(s):
+      if p.size:
+        pts.append(p.pts)
+        if p.is_keyframe:
+          keys.append(p.pts)
+    n = len(pts) or s.frames
+  if not pts or any(p is None for p in pts) or any(k is None for k in keys):
+    return rate, None, None, int(n)
+  return rate, np.sort(np.asarray(pts, np.int64)), np.sort(np.asarray(keys, np.int64)), int(n)
+
+
+def _decode_seek(path: str, keep: np.ndarray, pts: np.ndarray, keys: np.ndarray) -> Optional[List[np.ndarray]]:
+  """Frames at indices `keep` by seeking to the keyframe before each one that lies beyond the decoder's position,
+  then decoding forward to the frame with exactly that pts. None if the stream does not behave (the caller then
+  decodes sequentially)."""
+  import av
+  out = {}
+  with av.open(path) as c:
+    s = c.streams.video[0]
+    s.thread_type = 'AUTO'
+    frames, last = None, None
+    for idx in sorted(set(int(i) for i in keep)):
+      target = int(pts[idx])
+      k = np.searchsorted(keys, target, side='right') - 1
+      if k < 0:
+        return None
+      if frames is None or last is None or target <= last or keys[k] > last:
+        c.seek(int(keys[k]), stream=s, backward=True, any_frame=False)
+        frames = c.decode(s)
+      got = None
+      for frame in frames:
+        if frame.pts is None or frame.pts > target:
+          return None
+        last = frame.pts
+        if frame.pts == target:
+          got = frame.to_ndarray(format='rgb24')
+          break
+      if got is None:
+        return None
+      out[idx] = got
+  return [out[int(i)] for i in keep]
 
 
 def _decode(path: str, keep: np.ndarray) -> Tuple[List[np.ndarray], int]:
@@ -93,21 +138,26 @@ def _decode(path: str, keep: np.ndarray) -> Tuple[List[np.ndarray], int]:
 
 
 def load_video(path: str, cfg: VideoConfig) -> Tuple[np.ndarray, float]:
-  """(uint8 frames [n,H,W,3], sample_fps)."""
+  """(uint8 frames [n,H,W,3], sample_fps). Sparse sampling (at most one frame in SEEK_SPARSITY, several
+  keyframes) seeks instead of decoding every frame; any inconsistency falls back to sequential decoding."""
   import av
   _check_exists(path)
   try:
-    total, rate = _count_frames(path)
+    rate, pts, keys, total = _index(path)
     if total <= 0:
       raise BadRecord('zero_frames', f'video {path} has no frames')
     keep = sample_indices(total, rate, cfg)
-    frames, decoded = _decode(path, keep)
-    if len(frames) < len(keep):  # the container over-reported its frame count: resample on the true count
-      if decoded == 0:
-        raise BadRecord('zero_frames', f'video {path} has no decodable frames')
-      total = decoded
-      keep = sample_indices(total, rate, cfg)
-      frames, _ = _decode(path, keep)
+    frames = None
+    if pts is not None and len(pts) == total and len(keys) > 1 and total >= SEEK_SPARSITY * len(keep):
+      frames = _decode_seek(path, keep, pts, keys)
+    if frames is None:
+      frames, decoded = _decode(path, keep)
+      if len(frames) < len(keep):  # the container over-reported its frame count: resample on the true count
+        if decoded == 0:
+          raise BadRecord('zero_frames', f'video {path} has no decodable frames')
+        total = decoded
+        keep = sample_indices(total, rate, cfg)
+        frames, _ = _decode(path, keep)
   except (av.error.FFmpegError, ValueError, OSError) as e:
     raise BadRecord('corrupt_media', f'cannot decode video {path}: {type(e).__name__}: {e}') from e
   return np.stack(frames), len(keep) / total * rate
