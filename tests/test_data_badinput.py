@@ -38,6 +38,7 @@ def messy(tmp_path):
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(tmp_path / 'ok.png')
   Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(tmp_path / 'big.png')
+  Image.fromarray(rng.integers(0, 256, (1, 300, 3), dtype=np.uint8)).save(tmp_path / 'sliver.png')
   (tmp_path / 'corrupt.png').write_bytes(rng.bytes(500))
   _audio_only(tmp_path / 'audio.mp4')
   base = {'question': 'What colour?', 'options': ['red', 'green'], 'answer': 'A',
@@ -52,6 +53,7 @@ def messy(tmp_path):
       dict({k: v for k, v in base.items() if k != 'images'}, id='audio', video='audio.mp4'),
       dict(base, id='longq', question='word ' * 400),
       dict(base, id='bigimg', images=['big.png']),
+      dict(base, id='sliver', images=['sliver.png']),
       dict(base, id='longtarget', target='<think>' + 'red ' * 200 + '</think><answer>A</answer>'),
   ]
   return _write_jsonl(tmp_path / 'messy.jsonl', lines)
@@ -72,13 +74,14 @@ def test_every_bad_kind_is_skipped_counted_and_logged_once(messy, caplog):
   assert ids == ['good1', 'good2']
   m = pipe.counter.metrics()
   assert m['data/bad/malformed_record'] == 3
-  for reason in ('missing_answer', 'missing_target', 'missing_media', 'corrupt_media', 'zero_frames',
+  for reason in ('missing_answer', 'missing_target', 'missing_media', 'corrupt_media', 'unsupported_media',
+                 'zero_frames',
                  'prompt_over_budget', 'media_over_budget', 'target_over_budget'):
     assert m[f'data/bad/{reason}'] == 1, reason
-  assert m['data/records'] == 13 and m['data/seen'] == 9 and m['data/bad'] == 11
-  assert m['data/bad_fraction'] == pytest.approx(7 / 9)
+  assert m['data/records'] == 14 and m['data/seen'] == 10 and m['data/bad'] == 12
+  assert m['data/bad_fraction'] == pytest.approx(8 / 10)
   logged = [r.getMessage() for r in caplog.records if 'skipping bad record' in r.getMessage()]
-  assert len(logged) == 9  # one per reason, not one per record
+  assert len(logged) == 10  # one per reason, not one per record
   assert any('messy.jsonl' in msg for msg in logged)
 
 

@@ -41,13 +41,14 @@ class ExampleProcessor:
       raise BadRecord('media_over_budget', f'{len(ex.media)} media items, max_media is {d.max_media}', ex.id)
     patches, grids, kinds, spgt = [], [], [], []
     for kind, path in ex.media:
-      if kind == 'image':
-        p, g = processor.process_image(media.load_image(path), d.processor)
-        sec = 0.0
-      else:
-        frames, sample_fps = media.load_video(path, d.video)
-        p, g = processor.process_video(frames, d.processor)
-        sec = d.processor.temporal_patch_size / sample_fps
+      pixels, sample_fps = ((media.load_image(path)[None], 0.0) if kind == 'image' else
+                            media.load_video(path, d.video))
+      try:  # smart_resize refuses empty media and aspect ratios above 200
+        p, g = (processor.process_image(pixels[0], d.processor) if kind == 'image' else
+                processor.process_video(pixels, d.processor))
+      except ValueError as e:
+        raise BadRecord('unsupported_media', f'{path}: {e}', ex.id) from e
+      sec = d.processor.temporal_patch_size / sample_fps if kind == 'video' else 0.0
       patches.append(p)
       grids.append(g)
       kinds.append(KIND_IDS[kind])

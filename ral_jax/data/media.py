@@ -158,6 +158,7 @@ def load_video(path: str, cfg: VideoConfig) -> Tuple[np.ndarray, float]:
         total = decoded
         keep = sample_indices(total, rate, cfg)
         frames, _ = _decode(path, keep)
+    frames = np.stack(frames)  # ValueError if the frame size changes mid-stream
   except (av.error.FFmpegError, ValueError, OSError) as e:
     raise BadRecord('corrupt_media', f'cannot decode video {path}: {type(e).__name__}: {e}') from e
-  return np.stack(frames), len(keep) / total * rate
+  return frames, len(keep) / total * rate

@@ -12,7 +12,7 @@ badinput.py for the reasons and the bad-fraction limit.
 Use:
   data = make_pipeline(DataConfig(manifests=('train.jsonl',), ...), model_cfg)
   it = iter(data.dataset); batch = next(it); state = it.get_state(); ...; it.set_state(state)
-  data.counter.metrics()  -> {'data/seen', 'data/bad', 'data/bad_fraction', 'data/bad/<reason>'}
+  data.counter.metrics()  -> {'data/records', 'data/seen', 'data/bad', 'data/bad_fraction', 'data/bad/<reason>'}
 """
 from __future__ import annotations
 
