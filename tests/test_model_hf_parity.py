@@ -132,6 +132,7 @@ def _run(cfg):
 @pytest.mark.parametrize('names', [['text'], ['image'], ['two_images'], ['video'],
                                    ['text', 'image', 'two_images', 'video']])
 def test_matches_transformers(models, names):
+  assert transformers.__version__ == '4.57.6', 'parity is pinned to transformers 4.57.6 (see module docstring)'
   hf, cfg, params = models
   ours, hf_in = _build(names)
   ids, mask = ours['ids'], ours['mask']

@@ -229,7 +229,10 @@ def save_hf(params, cfg: ModelConfig, out_dir: str, dtype: Any = None, scheme: s
       json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2, sort_keys=True)
     written.append(INDEX)
   hf = cfg.to_hf()
-  hf['torch_dtype'] = 'bfloat16' if dtype_name(dtype) == 'BF16' else 'float32'
+  hf['torch_dtype'] = hf['dtype'] = 'bfloat16' if dtype_name(dtype) == 'BF16' else 'float32'
+  tps = hf['vision_config']['tokens_per_second']
+  if float(tps).is_integer():   # an int as in the hub configs (transformers 5.x rejects 2.0)
+    hf['vision_config']['tokens_per_second'] = int(tps)
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(hf, f, indent=2, sort_keys=True)
   written.append('config.json')
