@@ -97,3 +97,19 @@ def eq2_policy(attn, rows, mask):
       if a.sum() > 0:
         out[b, r] = a / a.sum()
   return out
+
+
+def random_params(cfg, seed=0, scale=0.05):
+  """Decoder params of `cfg` with numpy N(0, scale^2) entries (norm scales 1 + N(0, 0.1^2)); shapes from
+  jax.eval_shape of the real init, so no init program is compiled."""
+  import jax
+  from ral_jax.models.vlm import init_params
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = jax.tree_util.keystr(path)
+    if 'norm' in name:
+      return (1.0 + 0.1 * rng.normal(size=s.shape)).astype(np.float32)
+    return (scale * rng.normal(size=s.shape)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)

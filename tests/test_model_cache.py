@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _model_ref import padded_batch, tiny_cfg
+from _model_ref import random_params, padded_batch, tiny_cfg
 from ral_jax.models.vlm import Qwen25VL, init_cache, init_params
 
 TP, TR = 9, 5      # prompt bucket (left-padded) and response length
@@ -15,9 +15,8 @@ TP, TR = 9, 5      # prompt bucket (left-padded) and response length
 @pytest.fixture(scope='module')
 def problem():
   cfg = tiny_cfg()
+  params = random_params(cfg)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: np.asarray(x) + 0.02 * rng.normal(size=x.shape).astype(np.float32),
-                        init_params(cfg, jax.random.PRNGKey(0)))
   # Prompts of lengths 9, 6, 3 left-padded to TP; the response continues each row's positions.
   ids, pmask, ppos = padded_batch(cfg, [9, 6, 3], TP, seed=1)
   nxt = ppos.max(axis=(0, 2)) + 1

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from _model_ref import decoder_params, hf_model, padded_batch, tiny_cfg
+from _model_ref import random_params, decoder_params, hf_model, padded_batch, tiny_cfg
 from ral_jax.models.vlm import Qwen25VL, init_params, lm_head_kernel, scatter_visual
 
 
@@ -83,9 +83,7 @@ def _loss_and_grad(cfg, params, ids, mask, pos, rows):
 @pytest.fixture(scope='module')
 def small_problem():
   cfg = tiny_cfg()
-  params = init_params(cfg, jax.random.PRNGKey(0))
-  rng = np.random.default_rng(1)
-  params = jax.tree.map(lambda x: np.asarray(x) + 0.02 * rng.normal(size=x.shape).astype(np.float32), params)
+  params = random_params(cfg)
   ids, mask, pos = padded_batch(cfg, [9, 6], 9)
   rows = jnp.asarray([[5, 6, 8], [4, 7, -1]], jnp.int32)
   return cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos), rows
