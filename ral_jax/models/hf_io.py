@@ -5,10 +5,11 @@
 
 Import reads config.json (`ModelConfig.from_hf`, plus the checks below), finds every tensor through
 model.safetensors or model.safetensors.index.json, checks the whole name set, shapes and dtypes from the headers
-before reading any data, then builds each Flax leaf with `jax.make_array_from_callback` on its target sharding
-(`shardings`: a pytree like params of jax Shardings, e.g. `sharding.model_param_shardings(...)[1]`; default: the
-first device). Each device's callback converts only the HF tensors of its own shard from the memory-mapped files
-(one HF tensor, one shard at a time in host memory), so a 7B model never needs a second full host copy.
+before reading any data, then builds each Flax leaf directly on its target sharding (`shardings`: a pytree like
+params of jax Shardings, e.g. `model_shardings(cfg, mesh)`; default: the first device): every distinct shard
+of the leaf is converted from the memory-mapped files (layer by layer for stacked leaves), put on the devices that
+hold it, and dropped, so host memory holds one shard plus one HF tensor at a time, never a second model copy.
+Multi-host: each process reads only the shards of its addressable devices.
 Checkpoint dtypes float32 and bfloat16 are read (bfloat16 through ml_dtypes, no torch); leaves are stored in
 `param_dtype` (default cfg.param_dtype). Both name schemes of hf_names.py are accepted. With
 tie_word_embeddings, an `lm_head.weight` in the files is ignored (the tied model has no such parameter).
@@ -123,6 +124,23 @@ def _leaf_callback(spec: hf_names.Spec, where, dtype):
   return cb
 
 
+def _make_array(shape, sharding, read_shard):
+  """A global jax.Array on `sharding`, its shards read one distinct index at a time: each shard is read once, put
+  on every addressable device that holds it, and dropped (host memory: one shard + one HF tensor)."""
+  by_index: Dict[Tuple, List] = {}
+  for dev, index in sharding.addressable_devices_indices_map(shape).items():
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    by_index.setdefault(key, [index, []])[1].append(dev)
+  arrays = []
+  for index, devs in by_index.values():
+    shard = read_shard(index)
+    arrays += [jax.device_put(shard, d) for d in devs]
+    del shard
+  order = {d: i for i, d in enumerate(sharding.addressable_devices_indices_map(shape))}
+  arrays.sort(key=lambda a: order[next(iter(a.devices()))])
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 def _set(tree: Dict, path: Tuple[str, ...], value) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
@@ -171,7 +189,7 @@ def load_hf(ckpt_dir: str, shardings: Any = None, param_dtype: Optional[str] = N
     except KeyError as e:
       raise ValueError(f'shardings has no entry for parameter {"/".join(spec.path)}: build it for the whole model '
                        "('visual' included), e.g. with hf_io.model_shardings(cfg, mesh)") from e
-    leaf = jax.make_array_from_callback(spec.full_flax_shape, sharding, _leaf_callback(spec, where, dtype))
+    leaf = _make_array(spec.full_flax_shape, sharding, _leaf_callback(spec, where, dtype))
     _set(params, spec.path, leaf)
   return cfg, params
 
