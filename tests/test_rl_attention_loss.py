@@ -159,3 +159,14 @@ def test_record_rows_visual_mass_and_checks():
     ral_loss(pol, old[:, :1], adv, rm, km)
   with pytest.raises(AssertionError):
     ral_loss(pol, old, adv[:1], rm, km)
+
+
+def test_jsd_gradient_hand_values_and_numerical_check():
+  from jax.test_util import check_grads
+  # d/dP = 1/2 log(P/M) = 1/2 [ln(2/3), ln 2]; d/dQ = 1/2 [ln(4/3), (Q=0 -> 0)].
+  gp, gq = jax.grad(jsd, argnums=(0, 1))(jnp.array([0.5, 0.5]), jnp.array([1.0, 0.0]))
+  np.testing.assert_allclose(gp, [-0.2027326, 0.3465736], rtol=1e-5)
+  np.testing.assert_allclose(gq, [0.1438410, 0.0], rtol=1e-5, atol=1e-7)
+  p = jnp.array([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+  q = jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]])
+  check_grads(jsd, (p, q), order=1, modes=['rev'], eps=1e-3, atol=1e-3, rtol=1e-3)

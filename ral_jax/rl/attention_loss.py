@@ -9,7 +9,9 @@ with a row mask [B,R] (= response_mask for R = Tr rows) and a key mask [B,S] (1 
   L_attn_kd = aggregate_t( JSD(p_student^t || p_teacher^t) )       teacher held fixed; no advantage
 Masked keys are set to 0 (rows are not renormalised: the model already gives them zero weight); masked rows count
 nowhere. Zeros are handled with the double-where rule, so exact zeros in either input give finite values and finite
-(not NaN) gradients. At p_theta == p_old the JSD and its gradient are exactly 0: d JSD / d P_i = 1/2 log(P_i / M_i).
+(not NaN) gradients. The gradient is written by hand (custom_vjp): d JSD / d P_i = 1/2 log(P_i / M_i), taken as 0
+where P_i == 0 (the true one-sided limit is -inf; through a softmax it is multiplied by P_i = 0 anyway); the backward
+pass keeps only P and Q. At p_theta == p_old the JSD and its gradient are exactly 0.
 A > 0 pulls p_theta toward p_old; A < 0 pushes it away (no clipping).
 """
 from __future__ import annotations
@@ -56,8 +58,35 @@ def jsd(p, q, key_mask=None) -> jnp.ndarray:
       km = km[:, None, :]
     km = jnp.broadcast_to(km, p.shape)
     p, q = jnp.where(km, p, 0.0), jnp.where(km, q, 0.0)
+  return _jsd(p, q)
+
+
+def _safe_log(x):
+  return jnp.log(jnp.where(x > 0, x, 1.0))
+
+
+@jax.custom_vjp
+def _jsd(p, q):
   m = 0.5 * (p + q)
   return jnp.sum(0.5 * _xlogx(p) + 0.5 * _xlogx(q) - _xlogx(m), axis=-1)
+
+
+def _jsd_fwd(p, q):
+  return _jsd(p, q), (p, q)
+
+
+def _jsd_bwd(res, g):
+  """d JSD / d P_i = 1/2 log(P_i / M_i) (and alike for Q), taken as 0 where P_i == 0; only p and q are kept for the
+  backward pass (no [..., S] intermediates), and the value is exactly 0 where P == Q."""
+  p, q = res
+  log_m = _safe_log(0.5 * (p + q))
+  g = g[..., None]
+  gp = jnp.where(p > 0, 0.5 * (_safe_log(p) - log_m), 0.0)
+  gq = jnp.where(q > 0, 0.5 * (_safe_log(q) - log_m), 0.0)
+  return g * gp, g * gq
+
+
+_jsd.defvjp(_jsd_fwd, _jsd_bwd)
 
 
 def visual_mass(policy, row_mask, visual_key_mask) -> jnp.ndarray:
