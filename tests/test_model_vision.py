@@ -157,3 +157,20 @@ def test_params_have_logical_names_and_bf16_runs(hf_tower):
   assert jax.tree.map(lambda x: x.shape, flax_meta.unbox(boxed)) == jax.tree.map(lambda x: x.shape, hf_tower[1])
   out = jax.jit(tower.apply)({'params': hf_tower[1]}, pix, meta)
   assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out.astype(jnp.float32)).all())
+
+
+def test_sharded_on_mesh_equals_single_device(hf_tower, tower_outputs):
+  """Params on their logical shardings over a (data 1, fsdp 2, tensor 4) mesh, batch over (data, fsdp)."""
+  from ral_jax import sharding
+  _, params = hf_tower
+  pix, grid_arr = _inputs()
+  meta = vision_inputs.build_vision_inputs_batch(grid_arr, P, V)
+  mesh = sharding.make_mesh((1, 2, 4))
+  tower = VisionTower(V)
+  boxed = jax.eval_shape(tower.init, jax.random.key(0), pix, meta)['params']
+  shardings = sharding.logical_to_shardings(boxed, mesh, sharding.logical_rules())
+  p_sh = jax.device_put(params, shardings)
+  batch = jax.device_put((pix, meta), sharding.batch_sharding(mesh, 2))
+  out = jax.jit(lambda p, x, m: tower.apply({'params': p}, x, m))(p_sh, *batch)
+  assert len(p_sh['blocks_0']['mlp']['gate_proj']['kernel'].sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(out), tower_outputs[0], atol=1e-5)
