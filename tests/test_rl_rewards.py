@@ -106,6 +106,11 @@ def test_registry_user_reward_and_failures():
     RewardConfig(terms=(('no_such_reward', 1.0),))
   with pytest.raises(ValueError, match='already registered'):
     register_reward('accuracy')(len_bonus)
+
+  @register_reward('test_len_bonus')   # the same function defined again (a config module run twice) replaces it
+  def len_bonus(response, record):  # noqa: F811
+    return 1.0
+  assert rewards.get_reward('test_len_bonus')('abc', {}) == 1.0
   with pytest.raises(ValueError, match='once'):
     RewardConfig(terms=(('accuracy', 1.0), ('accuracy', 1.0)))
 

@@ -37,8 +37,11 @@ _ANSWER_ONLY = re.compile(rf'\s*<answer>{_BLOCK}</answer>\s*', re.DOTALL)
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
   """Decorator: makes fn(response, record) -> float available to RewardConfig under `name`."""
   def deco(fn: RewardFn) -> RewardFn:
-    if name in _REGISTRY and _REGISTRY[name] is not fn:
-      raise ValueError(f'a reward named {name!r} is already registered; pick another name')
+    old = _REGISTRY.get(name)
+    same = old is not None and (old.__module__, old.__qualname__) == (fn.__module__, fn.__qualname__)
+    if old is not None and not same:   # re-running the defining module (config reloaded) replaces it quietly
+      raise ValueError(f'a reward named {name!r} is already registered ({old.__module__}.{old.__qualname__}); '
+                       'pick another name')
     _REGISTRY[name] = fn
     return fn
   return deco
