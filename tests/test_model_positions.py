@@ -134,3 +134,14 @@ def test_errors_name_the_problem():
     positions.rope_index(ids[0], mask[0], np.array([[1, 4, 4], [1, 2, 2]]), [1, 1], [0, 0], CFG)
   with pytest.raises(ValueError, match='divisible'):
     positions.rope_index(ids[0], mask[0], np.array([[1, 3, 4]]), [1], [0.0], CFG)
+
+
+@pytest.mark.parametrize('sec', [0.7, 1 / 3, 0.5, 1.5, 2.0])
+def test_fractional_times_match_the_original_float32_formula(sec):
+  """t index = long(arange(t) * second_per_grid_t * tokens_per_second) in float32 torch (the pre-4.50 code)."""
+  t = 10
+  ids, mask, grid, kind, secs = _batch([([1, (2, (t, 2, 2)), 1], [(2, (t, 2, 2), sec)])], ['right'])
+  pos = positions.rope_index(ids[0], mask[0], grid[0], kind[0], secs[0], CFG)
+  want = (torch.arange(t).view(-1, 1) * torch.tensor(sec, dtype=torch.float32)
+          * CFG.vision.tokens_per_second).long().flatten().numpy()
+  np.testing.assert_array_equal(pos[0, 2:2 + t] - 2, want)

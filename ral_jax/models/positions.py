@@ -10,7 +10,9 @@ The rule (original Qwen2.5-VL, design.md), over the real tokens of one sequence 
     where start is the position the block would have had as text. Images use second_per_grid_t = 0.
   - padding tokens (attention_mask == 0) get position 1 in all rows, as transformers does.
 transformers 4.57 implements this except that it casts second_per_grid_t to an integer first (0.5 -> 0); this
-module does not: floor is applied to the product, so fractional values are honoured.
+module does not: floor is applied to the product, so fractional values are honoured. The product is computed in
+float32 in the order (i_t * second_per_grid_t) * tokens_per_second, as the original (pre-truncation) PyTorch code
+did, so that e.g. 10 * 0.7 * 2 gives 14 (float64 of the float32 0.7 would give 13.99... -> 13).
 
 Media are given per example as `grid_thw [M,3]`, `media_kind [M]` (0 none / padding, 1 image, 2 video) and
 `second_per_grid_t [M]`, in the order their pad-token blocks appear in the sequence (the data pipeline's order).
@@ -27,7 +29,7 @@ IMAGE, VIDEO = 1, 2
 def _media_rows(grid_thw, media_kind, second_per_grid_t):
   grid_thw = np.asarray(grid_thw, np.int64).reshape(-1, 3)
   media_kind = np.asarray(media_kind, np.int64).reshape(-1)
-  second_per_grid_t = np.asarray(second_per_grid_t, np.float64).reshape(-1)
+  second_per_grid_t = np.asarray(second_per_grid_t, np.float32).reshape(-1)
   if not len(grid_thw) == len(media_kind) == len(second_per_grid_t):
     raise ValueError(f'grid_thw ({len(grid_thw)} rows), media_kind ({len(media_kind)}) and second_per_grid_t '
                      f'({len(second_per_grid_t)}) must have the same number of media rows M')
@@ -55,7 +57,7 @@ def rope_index(input_ids, attention_mask, grid_thw, media_kind, second_per_grid_
     raise ValueError(f'input_ids {input_ids.shape} and attention_mask {mask.shape} must have the same length T')
   grids, kinds, spgt = _media_rows(grid_thw, media_kind, second_per_grid_t)
   m = cfg.vision.spatial_merge_size
-  tps = float(cfg.vision.tokens_per_second)
+  tps = cfg.vision.tokens_per_second
   pad_ids = {IMAGE: cfg.image_token_id, VIDEO: cfg.video_token_id}
   is_pad = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
 
@@ -84,8 +86,8 @@ def rope_index(input_ids, attention_mask, grid_thw, media_kind, second_per_grid_
     text_len = ed - st
     out[:, st:ed] = start + np.arange(text_len)
     base = start + text_len
-    sec = float(sec) if kind == VIDEO else 0.0
-    ti = np.floor(np.arange(t) * sec * tps).astype(np.int64)
+    sec = np.float32(sec if kind == VIDEO else 0.0)
+    ti = np.floor((np.arange(t, dtype=np.float32) * sec) * np.float32(tps)).astype(np.int64)
     out[0, ed:ed + nv] = base + np.repeat(ti, gh * gw)
     out[1, ed:ed + nv] = base + np.tile(np.repeat(np.arange(gh), gw), t)
     out[2, ed:ed + nv] = base + np.tile(np.arange(gw), t * gh)
