@@ -189,15 +189,15 @@ def render(sample: Sample, knobs: Knobs) -> np.ndarray:
   return np.stack(frames)
 
 
-def write_video(path: str, frames: np.ndarray, fps: float) -> None:
-  """H.264 (yuv420p, near-lossless crf) mp4 via PyAV; mpeg4 where libx264 is missing."""
+def write_video(path: str, frames: np.ndarray, fps: float, crf: int = 4) -> None:
+  """H.264 (yuv420p; default crf 4, near-lossless) mp4 via PyAV; mpeg4 where libx264 is missing."""
   import av
   from fractions import Fraction
   codec = 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
   with av.open(path, 'w') as container:
     stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
     stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
-    stream.options = {'crf': '4'} if codec == 'libx264' else {'qscale': '1'}
+    stream.options = {'crf': str(crf)} if codec == 'libx264' else {'qscale': '1'}
     for f in frames:
       for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format='rgb24')):
         container.mux(packet)
