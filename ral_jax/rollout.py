@@ -212,21 +212,43 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules, impl: str):
       return _cast(params, dt)
     return decode_lib.layer_params(params, cfg, dt)
 
-  def prefill_fn(params, prompt_ids, prompt_mask, positions, visual_embeds, rng):
-    params = _cast(params, dt)   # transient: freed when the prefill ends
-    B, Tp = prompt_ids.shape
-    cache = init_cache(cfg, B, Tp + Tr, cfg.dtype)
-    if visual_embeds is not None:
-      visual_embeds = visual_embeds.astype(dt)
+  def prefill_one(params, prompt_ids, prompt_mask, positions, visual_embeds):
+    """[b,Tp] prompts -> (last logits [b,V] f32, the model's stacked cache)."""
+    b, Tp = prompt_ids.shape
+    cache = init_cache(cfg, b, Tp + Tr, cfg.dtype)
     out = model.apply({'params': params}, prompt_ids, positions, prompt_mask, visual_embeds=visual_embeds,
                       return_hidden=True, cache=cache)
     logits = model.apply({'params': params}, out.hidden[:, -1:], method=Qwen25VL.logits_from_hidden)[:, 0]
+    return logits, out.cache
+
+  def prefill_fn(params, prompt_ids, prompt_mask, positions, visual_embeds, rng):
+    params = _cast(params, dt)   # transient: freed when the prefill ends
+    B, Tp = prompt_ids.shape
+    C = sampling.prefill_batch or B
+    if B % C or (impl == 'model' and C != B):
+      raise ValueError(f'sampling.prefill_batch={C} must divide the {B} prompts (and be 0 with impl="model")')
+    if visual_embeds is not None:
+      visual_embeds = visual_embeds.astype(dt)
     rep = lambda x, axis: jnp.repeat(x, G, axis=axis)
-    if impl == 'model':
-      cache = {'k': rep(out.cache['k'], 1), 'v': rep(out.cache['v'], 1), 'mask': rep(out.cache['mask'], 0),
-               'index': rep(out.cache['index'], 0)}
-    else:
-      cache = decode_lib.split_cache(out.cache, G)
+    chunks = []
+    for c in range(B // C):
+      sl = lambda x, axis=0: jax.lax.slice_in_dim(x, c * C, (c + 1) * C, axis=axis)
+      vis = None if visual_embeds is None else sl(visual_embeds)
+      logits_c, cache_c = prefill_one(params, sl(prompt_ids), sl(prompt_mask), sl(positions, 1), vis)
+      if impl == 'model':
+        cache = {'k': rep(cache_c['k'], 1), 'v': rep(cache_c['v'], 1), 'mask': rep(cache_c['mask'], 0),
+                 'index': rep(cache_c['index'], 0)}
+      else:
+        part = decode_lib.split_cache(cache_c, G)
+        if B == C:
+          cache = part
+        else:   # written in place into the full per-layer caches, chunk after chunk
+          if c == 0:
+            cache = jax.tree.map(lambda x: jnp.zeros((B * G,) + x.shape[1:], x.dtype), part)
+          cache = jax.tree.map(
+              lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, c * C * G, axis=0), cache, part)
+      chunks.append(logits_c)
+    logits = jnp.concatenate(chunks, axis=0)
     R = B * G
     next_pos = rep(positions_lib.text_positions_after(positions, prompt_mask), 0)
     state = SamplingState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((R, Tr), sampling.pad_id, jnp.int32),

@@ -32,6 +32,8 @@ class SamplingConfig:
   pad_id: written after a sequence stops.
   ignore_stop: never stop at a stop id (benchmarks: always produce max_new_tokens).
   dtype: compute dtype of the sampler (parameters are cast to it once per call; the KV cache is kept in it).
+  prefill_batch: prompts per prefill pass (0 = all at once); B must be a multiple. Bounds the prefill's working set
+    (attention logits [b,N,Tp,Tp+Tr] float32 per layer) for large rollout batches.
   """
   temperature: float = 1.0
   top_k: int = 0
@@ -42,6 +44,7 @@ class SamplingConfig:
   pad_id: int = 0
   ignore_stop: bool = False
   dtype: str = 'bfloat16'
+  prefill_batch: int = 0
 
   def __post_init__(self):
     if not self.temperature > 0:
@@ -52,6 +55,8 @@ class SamplingConfig:
       raise ValueError(f'top_p={self.top_p} must be in (0, 1] (1.0 turns it off)')
     if self.max_new_tokens < 1:
       raise ValueError(f'max_new_tokens={self.max_new_tokens} must be >= 1')
+    if self.prefill_batch < 0:
+      raise ValueError(f'prefill_batch={self.prefill_batch} must be >= 0 (0 = all prompts in one pass)')
     object.__setattr__(self, 'stop_ids', tuple(int(s) for s in self.stop_ids))
 
 

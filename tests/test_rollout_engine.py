@@ -213,10 +213,14 @@ def test_prompt_errors_are_clear():
 
 
 def test_layers_decode_equals_model_decode():
-  """decode.py's per-layer step and the model's cached __call__ draw the same samples with the same log-probs."""
+  """decode.py's per-layer step and the model's cached __call__ (and a chunked prefill) draw the same samples."""
   params, prompts, vis = _batch('video')
   sc = SamplingConfig(dtype='float32', max_new_tokens=6, temperature=0.9)
   a = rollout.generate(params, CFG, prompts, vis, jax.random.PRNGKey(3), sc, num_samples=2)
   b = rollout.generate(params, CFG, prompts, vis, jax.random.PRNGKey(3), sc, num_samples=2, impl='model')
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+  sc1 = SamplingConfig(dtype='float32', max_new_tokens=6, temperature=0.9, prefill_batch=1)   # chunked prefill
+  c = rollout.generate(params, CFG, prompts, vis, jax.random.PRNGKey(3), sc1, num_samples=2)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+  np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(c.logprobs), atol=1e-5)

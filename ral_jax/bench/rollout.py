@@ -62,7 +62,7 @@ def _decoder_weight_bytes(cfg, dtype_bytes=2):
   return (L * per_layer + D + D * V) * dtype_bytes
 
 
-def run_jax(args, preset: str, prompts: int):
+def run_jax(args, preset: str, prompts, impl: str = 'layers'):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -75,6 +75,13 @@ def run_jax(args, preset: str, prompts: int):
   cfg = get_preset(preset, dtype='bfloat16', param_dtype='bfloat16')
   (gh, gw), nv, tp = _shapes(cfg, args)
   G, new = args.G, args.new
+  kv_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * (tp + new)
+  if prompts == 'fill':   # as many prompts (multiple of the prefill batch) as the card holds
+    limit = (jax.devices()[0].memory_stats() or {}).get('bytes_limit', 2 ** 30)   # CPU: 1 GiB
+    wb = _decoder_weight_bytes(cfg) + cfg.vocab_size * cfg.hidden_size * 2
+    free = 0.92 * limit - 2 * wb - args.prefill_batch * 1.2 * 2 ** 30 - 3 * 2 ** 30
+    prompts = max(1, int(free // (G * kv_row)) // args.prefill_batch) * args.prefill_batch
+  prompts = int(prompts)
   rng = np.random.default_rng(0)
   m = cfg.vision.spatial_merge_size
   ids_list, pos_list = [], []
@@ -93,23 +100,27 @@ def run_jax(args, preset: str, prompts: int):
          ).astype(jnp.bfloat16)
   jax.block_until_ready((params, vis))
   t_init = time.perf_counter() - t0
-  sc = SamplingConfig(max_new_tokens=new, ignore_stop=True, dtype='bfloat16')
+  pb = args.prefill_batch if impl == 'layers' and prompts % max(args.prefill_batch, 1) == 0 else 0
+  sc = SamplingConfig(max_new_tokens=new, ignore_stop=True, dtype='bfloat16', prefill_batch=pb)
+  weights = rollout.sampler_weights(params, cfg, sc, G, impl=impl)
 
-  def once(seed):
+  def timed(seed, warm=False):
     key = jax.random.PRNGKey(seed)
     t0 = time.perf_counter()
-    state = rollout.prefill(params, cfg, batch, vis, key, sc, G)
+    state = rollout.prefill(params, cfg, batch, vis, key, sc, G, impl=impl)
     jax.block_until_ready(state)
     t1 = time.perf_counter()
-    out = rollout.decode(params, cfg, state, key, sc, G)
+    if warm:   # compiles the decode program; all rows done, so the loop exits at once
+      state = state.replace(done=jnp.ones_like(state.done))
+    out = rollout.decode(weights, cfg, state, key, sc, G, impl=impl)
     jax.block_until_ready(out)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, out
 
   t0 = time.perf_counter()
-  once(0)
+  timed(0, warm=True)
   t_compile = time.perf_counter() - t0
-  t_pre, t_dec, out = once(1)
+  t_pre, t_dec, out = timed(1)
   rows = prompts * G
   assert int(np.asarray(out.lengths).min()) == new, 'every row must produce --new tokens'
   dev = jax.devices()[0]
@@ -117,7 +128,7 @@ def run_jax(args, preset: str, prompts: int):
   wbytes = _decoder_weight_bytes(cfg)
   bound_bytes, kv_final = _bound(cfg, rows, tp, new, wbytes)
   bw = _bandwidth(dev.device_kind)
-  res = dict(impl='jax', preset=preset, device=dev.device_kind, prompts=prompts, G=G, rows=rows, prompt_len=tp,
+  res = dict(impl='jax' if impl == 'layers' else 'jax-' + impl, preset=preset, device=dev.device_kind, prompts=prompts, G=G, rows=rows, prompt_len=tp,
              new_tokens=new, init_s=t_init, first_call_s=t_compile, prefill_s=t_pre, decode_s=t_dec,
              decode_tok_s=rows * (new - 1) / t_dec, total_s=t_pre + t_dec, new_tok_s=rows * new / (t_pre + t_dec),
              step_ms=1e3 * t_dec / (new - 1), peak_gib=stats.get('peak_bytes_in_use', 0) / 2 ** 30,
@@ -192,28 +203,37 @@ def _print(res):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--runs', default='jax:qwen2_5_vl_7b:8,hf:qwen2_5_vl_7b:8',
-                  help='comma list of impl:preset:prompts (impl jax or hf)')
+                  help='comma list of impl:preset:prompts; impl jax (decode.py step), jax-model (the model\'s '
+                       'cached __call__ per step) or hf; prompts an integer or fill (jax: as many as the card holds)')
   ap.add_argument('--G', type=int, default=8)
   ap.add_argument('--visual', type=int, default=2000, help='visual tokens per prompt (after merging)')
   ap.add_argument('--text', type=int, default=100, help='text tokens per prompt')
   ap.add_argument('--new', type=int, default=512, help='new tokens per sample (stop ids ignored)')
+  ap.add_argument('--prefill_batch', type=int, default=8, help='prompts per prefill pass (jax)')
+  ap.add_argument('--timeout', type=int, default=300, help='seconds per run')
   ap.add_argument('--out', default=os.environ.get('OUT', '.'), help='folder for rollout_bench.jsonl')
   ap.add_argument('--one', default=None, help=argparse.SUPPRESS)   # internal: run one spec in this process
   ap.add_argument('--preset', default=None, help='shortcut: replaces the preset of every run')
   args = ap.parse_args(argv)
   if args.one:
     impl, preset, prompts = args.one.split(':')
-    fn = {'jax': run_jax, 'hf': run_hf}[impl]
-    print('RESULT ' + json.dumps(fn(args, preset, int(prompts))), flush=True)
+    fn = {'jax': run_jax, 'jax-model': lambda *a: run_jax(*a, impl='model'), 'hf': run_hf}[impl]
+    print('RESULT ' + json.dumps(fn(args, preset, prompts if prompts == 'fill' else int(prompts))), flush=True)
     return
   results = []
   for spec in args.runs.split(','):
     impl, preset, prompts = spec.split(':')
     preset = args.preset or preset
     cmd = [sys.executable, '-m', 'ral_jax.bench.rollout', f'--one={impl}:{preset}:{prompts}', f'--G={args.G}',
-           f'--visual={args.visual}', f'--text={args.text}', f'--new={args.new}']
+           f'--visual={args.visual}', f'--text={args.text}', f'--new={args.new}',
+           f'--prefill_batch={args.prefill_batch}']
     print('#', ' '.join(cmd[2:]), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as e:
+      print(f'  TIMEOUT after {args.timeout}s', flush=True)
+      results.append(dict(spec=spec, error=f'timeout {args.timeout}s'))
+      continue
     lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
     if proc.returncode or not lines:
       print(f'  FAILED rc={proc.returncode}\n' + (proc.stdout + proc.stderr)[-3000:], flush=True)
