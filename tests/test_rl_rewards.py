@@ -31,7 +31,8 @@ MC = 'multiple choice'
     ('B', '<answer>B</answer>', MC, 1.0), ('B.', 'B', MC, 1.0), ('(B)', 'B', MC, 1.0), ('B) a red car', 'B', MC, 1.0),
     ('b', 'B', MC, 1.0), ('Option B', 'B', MC, 1.0), ('B: red', 'B', MC, 1.0), ('C', 'B', MC, 0.0),
     ('a red car', 'B', MC, 0.0), ('', 'B', MC, 0.0),
-    ('3', '3.0', 'numerical', 1.0), ('3.00', '<answer>3</answer>', 'numerical', 1.0), ('1,000', '1000', 'numerical', 1.0),
+    ('3', '3.0', 'numerical', 1.0), ('3.00', '<answer>3</answer>', 'numerical', 1.0),
+    ('1,000', '1000', 'numerical', 1.0),
     ('50%', '50', 'numerical', 1.0), ('1/2', '0.5', 'numerical', 1.0), ('-3 / 4', '-0.75', 'numerical', 1.0),
     ('1/0', '1', 'numerical', 1.0),  # not a fraction: the first number, 1
     ('about 7 apples', '7', 'numerical', 1.0), ('3.1', '3', 'numerical', 0.0),

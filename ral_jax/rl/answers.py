@@ -52,10 +52,14 @@ def ground_truth(solution: str) -> str:
   return solution.strip() if got is None else got
 
 
+_TYPES = {'multiple choice': 'multiple choice', 'mc': 'multiple choice', 'numerical': 'numerical',
+          'numeric': 'numerical', 'ocr': 'ocr', 'free form': 'free-form', 'regression': 'regression'}
+
+
 def canonical_type(problem_type: str) -> str:
+  """'Multiple_Choice' -> 'multiple choice', 'OCR' -> 'ocr', ...; unknown types -> 'free-form'."""
   t = re.sub(r'[\s_\-]+', ' ', str(problem_type or '')).strip().lower()
-  return {'multiple choice': 'multiple choice', 'mc': 'multiple choice', 'numerical': 'numerical',
-          'numeric': 'numerical', 'ocr': 'ocr', 'free form': 'free-form', 'regression': 'regression'}.get(t, 'free-form')
+  return _TYPES.get(t, 'free-form')
 
 
 def normalize_text(s: str) -> str:

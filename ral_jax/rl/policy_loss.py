@@ -19,7 +19,7 @@ Metrics (token means over valid tokens, whatever the aggregation mode):
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import chex
 import jax
