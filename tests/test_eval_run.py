@@ -48,6 +48,15 @@ def _tempcompass_fixture(root):
   return str(root / 'questions' / 'multi-choice.json')
 
 
+def test_parse_bench_flag():
+  from absl import app
+  from ral_jax.eval.__main__ import parse_bench
+  assert parse_bench('vstar:/d/test.jsonl') == ('vstar', '/d/test.jsonl', '')
+  assert parse_bench('mvbench:/d/json:/d') == ('mvbench', '/d/json', '/d')
+  with pytest.raises(app.UsageError, match='NAME:ANNOTATION'):
+    parse_bench('vstar')
+
+
 def test_to_manifest_line():
   from ral_jax.eval import run
   rec = {'problem_id': '1', 'problem': 'q', 'options': ['A. x', 'B. y'], 'solution': '<answer>B</answer>',
