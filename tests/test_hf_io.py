@@ -183,7 +183,7 @@ def test_errors_name_the_tensor_or_field(ckpts, tmp_path):
     hf_io.load_hf(str(d))
 
 
-@pytest.mark.parametrize('preset', ['qwen2_5_vl_3b', 'qwen2_5_vl_7b', 'qwen2_5_vl_32b'])
+@pytest.mark.parametrize('preset', ['qwen2_5_vl_3b', 'qwen2_5_vl_7b'])  # tied and untied; 32B has 7B's structure
 def test_full_size_tree_and_names_match_transformers(preset):
   """eval_shape of our full-size model: parameter count == transformers' (meta device), and the HF name table
   gives exactly transformers' save_pretrained names and shapes."""
