@@ -99,8 +99,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, cos, sin, key_valid, q_slot, *, kv_cache=None, cache_index=None, record_rows=None,
                record_heads: bool = False, causal_fast: bool = True):
-    """x [B,T,D]; cos/sin [B,T,H]; key_valid [B,S] bool or None = all valid (S = T, or the cache length with the new tokens already
-    marked); q_slot [B,T] int32 slots of the queries; kv_cache (k [B,Smax,K,H], v) or None; cache_index [B].
+    """x [B,T,D]; cos/sin [B,T,H]; key_valid [B,S] bool, or None = all valid (S = T, or the cache length with
+    the new tokens already marked); q_slot [B,T] int32 slots of the queries; kv_cache (k [B,Smax,K,H], v) or None; cache_index [B].
     Returns (out [B,T,D], new kv_cache or None, record dict or None)."""
     cfg = self.cfg
     N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -124,10 +124,12 @@ class Attention(nn.Module):
                                          mask=visibility_mask(key_valid, q_slot), implementation=cfg.attention_impl)
     else:
       new_cache = None
-      if causal_fast:   # slots are 0..T-1: causal flag + key padding mask [B,1,1,S]
+      if causal_fast and (key_valid is None or cfg.attention_impl != 'cudnn'):
+        # Slots are 0..T-1: the causal flag (+ a key padding mask [B,1,1,S]); mask=None is cuDNN's fastest path.
         mask = None if key_valid is None else key_valid[:, None, None, :]
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
-      else:
+      else:   # cuDNN turns a mask into a bias: give it the full [B,1,T,S] visibility
+        q_slot = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2]) if q_slot is None else q_slot
         out = jax.nn.dot_product_attention(q, k, v, mask=visibility_mask(key_valid, q_slot),
                                            implementation=cfg.attention_impl)
       if record_rows is not None:

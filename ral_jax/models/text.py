@@ -102,7 +102,9 @@ class TextModel(nn.Module):
     h = jnp.zeros((B, T, cfg.hidden_size), self.dt)
     cs = jnp.zeros((B, T, H), jnp.float32)
     valid, slot = jnp.ones((B, T), bool), jnp.zeros((B, T), jnp.int32)
-    init_one = lambda r: self._layer().init(r, h, cs, cs, valid, slot)['params']
+    # Parameters do not depend on the attention kernel: init with the default one (works on any backend).
+    layer = DecoderLayer(cfg.replace(attention_impl=None), dtype=self.dt, param_dtype=self.pdt, parent=None)
+    init_one = lambda r: layer.init(r, h, cs, cs, valid, slot)['params']
     return _add_layer_axis(jax.vmap(init_one)(jax.random.split(rng, cfg.num_hidden_layers)))
 
   def embed(self, input_ids):

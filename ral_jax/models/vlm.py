@@ -137,7 +137,7 @@ class Qwen25VL(nn.Module):
 def init_params(cfg, rng, vision_inputs=None, boxed: bool = False):
   """Random parameters. Without vision_inputs: 'model' and 'lm_head' only (the decoder); with
   vision_inputs=(pixel_values, vision_meta): also 'visual'. boxed=True keeps flax LogicallyPartitioned leaves."""
-  model = Qwen25VL(cfg)
+  model = Qwen25VL(cfg.replace(attention_impl=None))   # parameters do not depend on the attention kernel
   ids = jnp.zeros((1, 1), jnp.int32)
   pos = jnp.zeros((3, 1, 1), jnp.int32)
 
