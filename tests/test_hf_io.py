@@ -155,7 +155,8 @@ def test_errors_name_the_tensor_or_field(ckpts, tmp_path):
   bad = _copy_with(ckpts / 'f32', tmp_path / 'missing', lambda sd: {k: v for k, v in sd.items() if k != name})
   with pytest.raises(ValueError, match=r'missing tensor.*up_proj'):
     hf_io.load_hf(str(bad))
-  bad = _copy_with(ckpts / 'f32', tmp_path / 'extra', lambda sd: {**sd, 'model.layers.0.extra.weight': sd[name].clone()})
+  bad = _copy_with(ckpts / 'f32', tmp_path / 'extra',
+                   lambda sd: {**sd, 'model.layers.0.extra.weight': sd[name].clone()})
   with pytest.raises(ValueError, match=r'unexpected tensor.*extra'):
     hf_io.load_hf(str(bad))
   bad = _copy_with(ckpts / 'f32', tmp_path / 'shape', lambda sd: {**sd, name: sd[name][:, :-1].contiguous()})

@@ -2,13 +2,12 @@
 
 A tiny random Qwen2.5-VL is written with `save_pretrained`, imported with `models.hf_io.load_hf`, and run through
 our vision tower + decoder on: text only, one image, two images of different sizes, a video with 4 temporal patches
-and second_per_grid_t = 2.0, and a left-padded batch mixing the four. Checked: 3-D position ids equal
-transformers' get_rope_index; logits (real tokens) within 1e-4; the attention-policy rows of the last layer (and of
-layer 0) within 1e-5 of transformers' `output_attentions` weights, head-averaged, self weight dropped and
-renormalised over earlier keys here in the test (method.md Eq. 2).
+and second_per_grid_t = 2.0, and a left-padded and a right-padded batch mixing the four. Checked: 3-D position
+ids equal transformers' get_rope_index; logits (real tokens) within 1e-4; the attention-policy rows of the last
+layer (and of layer 0) within 1e-5 of transformers' `output_attentions` weights, head-averaged, self weight
+dropped and renormalised over earlier keys here in the test (method.md Eq. 2).
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -21,7 +20,7 @@ from ral_jax.models.vlm import Qwen25VL
 CFG = get_preset('tiny')
 V = CFG.vision
 M = V.spatial_merge_size
-R = 8  # recorded rows: the last R positions of each sequence
+R = 8  # recorded rows: the last R real positions of each sequence
 EXAMPLES = {
     'text': [11],
     'image': [3, (1, (1, 4, 6), 0.0), 5],
@@ -57,9 +56,9 @@ def models(tmp_path_factory):
   return hf, cfg, params
 
 
-def _build(names, seed=0, T=48, P=192, Mx=2):
-  """Left-padded batch of the named examples: HF kwargs and our inputs. Every case uses the same T, P and media
-  slots, so the jitted model compiles once per batch size."""
+def _build(names, seed=0, T=48, P=192, Mx=2, side='left'):
+  """Left- (or right-) padded batch of the named examples: HF kwargs and our inputs. Every case uses the same T,
+  P and media slots, so the jitted model compiles once per batch size."""
   rng = np.random.default_rng(seed)
   seqs, media = [], []
   for n in names:
@@ -79,7 +78,8 @@ def _build(names, seed=0, T=48, P=192, Mx=2):
   ids = np.zeros((B, T), np.int32)
   mask = np.zeros((B, T), np.int32)
   for b, s in enumerate(seqs):
-    ids[b, T - len(s):], mask[b, T - len(s):] = s, 1
+    sl = slice(T - len(s), T) if side == 'left' else slice(0, len(s))
+    ids[b, sl], mask[b, sl] = s, 1
   pix = np.zeros((B, P, V.patch_dim), np.float32)
   grid, kind, sec = np.zeros((B, Mx, 3), np.int32), np.zeros((B, Mx), np.int32), np.zeros((B, Mx), np.float32)
   for b, med in enumerate(media):
@@ -129,12 +129,13 @@ def _run(cfg):
   return _RUNS[cfg]
 
 
-@pytest.mark.parametrize('names', [['text'], ['image'], ['two_images'], ['video'],
-                                   ['text', 'image', 'two_images', 'video']])
-def test_matches_transformers(models, names):
+@pytest.mark.parametrize('names,side', [(['text'], 'left'), (['image'], 'left'), (['two_images'], 'left'),
+                                        (['video'], 'left'), (['text', 'image', 'two_images', 'video'], 'left'),
+                                        (['video', 'two_images', 'text', 'image'], 'right')])
+def test_matches_transformers(models, names, side):
   assert transformers.__version__ == '4.57.6', 'parity is pinned to transformers 4.57.6 (see module docstring)'
   hf, cfg, params = models
-  ours, hf_in = _build(names)
+  ours, hf_in = _build(names, side=side)
   ids, mask = ours['ids'], ours['mask']
   B, T = ids.shape
   pos = positions.rope_index_batch(ids, mask, ours['grid'], ours['kind'], ours['sec'], cfg)
@@ -145,7 +146,8 @@ def test_matches_transformers(models, names):
   with torch.no_grad():
     out = hf(**hf_in, output_attentions=True)
   want_logits = out.logits.numpy()
-  rows = np.tile(np.arange(T - R, T, dtype=np.int32), (B, 1))
+  last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)                     # last real position
+  rows = (last[:, None] - np.arange(R - 1, -1, -1)[None, :]).astype(np.int32)
 
   meta = vision_inputs.build_vision_inputs_batch(ours['grid'], ours['P'], cfg.vision, media_kind=ours['kind'])
   res = _run(cfg)(params, ours['pix'], meta, ids, pos, mask, rows)

@@ -162,7 +162,8 @@ def main(argv=None):
   import jax
   err = np.abs(out - hf_out).max() / np.abs(hf_out).max()
   mean_err = np.abs(out - hf_out).mean() / np.abs(hf_out).mean()
-  print(f'device: {jax.devices()[0].device_kind} | torch: {torch.cuda.get_device_name() if a.device != "cpu" else "cpu"}')
+  card = torch.cuda.get_device_name() if a.device != 'cpu' else 'cpu'
+  print(f'device: {jax.devices()[0].device_kind} | torch: {card}')
   print(f'case {a.case}: {batch} x {grids}, {npatch} patches, {flops / 1e12:.2f} TFLOP per step')
   for name, t, pk in (('ral_jax', dt, peak), (f'transformers/{a.hf_attn}', hf_dt, hf_peak)):
     print(f'{name:>24}: {t * 1e3:8.1f} ms  {npatch / t:10.0f} patches/s  {flops / t / 1e12:6.1f} TFLOP/s  '

@@ -20,7 +20,8 @@ Parameter tree (transformers name -> here):
   merger.ln_q.weight                     -> merger/ln_q/scale [C]
   merger.mlp.0 / merger.mlp.2            -> merger/mlp_0 [4C,4C], merger/mlp_2 [4C,Do] (kernel + bias)
 Logical axis names: 'vision_patch', 'vision_embed' (C), 'vision_heads' (N), 'head_dim', 'vision_mlp' (F),
-'vision_merge' (4C; the merger's mlp_0 kernel is ('vision_embed', 'vision_merge')), 'embed' (Do), 'norm'. The tower is frozen: no remat.
+'vision_merge' (4C; the merger's mlp_0 kernel is ('vision_embed', 'vision_merge')), 'embed' (Do), 'norm'.
+The tower is frozen: no remat.
 """
 from __future__ import annotations
 
