@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -75,7 +76,9 @@ def test_round_trip_bfloat16(ckpts, tmp_path):
   hf_io.save_hf(params, CFG, str(tmp_path / 'a'), dtype='bfloat16')
   assert _tensors(tmp_path / 'a') == _tensors(ckpts / 'bf16')
   cfg, p16 = hf_io.load_hf(str(ckpts / 'bf16'), param_dtype='bfloat16')
-  assert p16['visual']['merger']['mlp_0']['kernel'].dtype == jnp.bfloat16
+  assert p16['visual']['merger']['mlp_0']['kernel'].dtype == jnp.bfloat16 and cfg.param_dtype == 'bfloat16'
+  hf_io.save_hf(flax.core.freeze(p16), cfg, str(tmp_path / 'frozen'))   # FrozenDict params work too
+  assert _tensors(tmp_path / 'frozen') == _tensors(ckpts / 'bf16')
   hf_io.save_hf(p16, cfg, str(tmp_path / 'b'))
   assert _tensors(tmp_path / 'b') == _tensors(ckpts / 'bf16')
   assert json.load(open(tmp_path / 'b' / 'config.json'))['torch_dtype'] == 'bfloat16'

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -149,7 +149,7 @@ def _set(tree: Dict, path: Tuple[str, ...], value) -> None:
 
 def _get(tree, path: Tuple[str, ...]):
   for key in path:
-    if not isinstance(tree, dict) or key not in tree:
+    if not isinstance(tree, Mapping) or key not in tree:
       raise KeyError(f'parameter {"/".join(path)} not found (at {key!r})')
     tree = tree[key]
   return tree
@@ -174,13 +174,15 @@ def load_hf(ckpt_dir: str, shardings: Any = None, param_dtype: Optional[str] = N
   Placement: `shardings` (a params-shaped pytree of jax Shardings), else `mesh` (+ logical `rules`) through
   `model_shardings`, else the first device."""
   cfg = read_config(ckpt_dir, **cfg_overrides)
+  if param_dtype is not None:
+    cfg = cfg.replace(param_dtype=str(np.dtype(param_dtype)))
   if shardings is None and mesh is not None:
     shardings = model_shardings(cfg, mesh, rules)
   where = _open_files(ckpt_dir)
   scheme = hf_names.detect_scheme(where)
   specs = hf_names.all_specs(cfg, scheme)
   check_tensors(specs, where, cfg.tie_word_embeddings)
-  dtype = np.dtype(param_dtype or cfg.param_dtype)
+  dtype = np.dtype(cfg.param_dtype)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params: Dict[str, Any] = {}
   for spec in specs:
