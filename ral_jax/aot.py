@@ -178,7 +178,13 @@ def compile_steps(config, target: Target, stages: Sequence[str] = ('sft', 'score
         lowered = fn.lower(params, batch_arr((n, p, cfg.vision.patch_dim), jnp.float32), meta)
       else:
         raise ValueError(f'unknown stage {stage!r}; choose from sft, score, rl, vision')
-      mem = lowered.compile().memory_analysis()
+      try:
+        mem = lowered.compile().memory_analysis()
+      except jax.errors.JaxRuntimeError as e:   # the TPU compiler refuses programs that exceed HBM
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+          raise
+        out[stage] = {'error': str(e).strip().splitlines()[0]}
+        continue
       out[stage] = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0)
                     for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
       s = out[stage]
@@ -191,6 +197,9 @@ def format_report(target: Target, stats: Dict[str, Dict[str, int]], shapes: str)
   lines = [f'AOT compile check for {target.label}', f'shapes: {shapes}',
            f'{"stage":<8}{"args GiB":>10}{"out GiB":>10}{"alias GiB":>11}{"temp GiB":>10}{"peak GiB":>10}  verdict']
   for stage, s in stats.items():
+    if 'error' in s:
+      lines.append(f'{stage:<8}DOES NOT FIT: {s["error"]}')
+      continue
     verdict = ''
     if target.hbm_gib:
       verdict = 'fits' if gib(s['peak_estimate']) <= target.hbm_gib else f'DOES NOT FIT in {target.hbm_gib} GiB'
@@ -223,6 +232,16 @@ def main(argv):
             f'P={FLAGS.patches or max(config.data.patch_buckets)} '
             f'rollout batch={config.rl.prompts_per_batch * config.rl.group_size} sft batch={config.sft.batch_size}')
   print(format_report(target, stats, shapes))
+  if not fits(target, stats):
+    raise SystemExit(1)
+
+
+def fits(target: Target, stats: Dict[str, Dict[str, int]]) -> bool:
+  """False when a stage failed to compile for lack of memory or its peak exceeds the device's HBM."""
+  for s in stats.values():
+    if 'error' in s or (target.hbm_gib and s['peak_estimate'] > target.hbm_gib * 2 ** 30):
+      return False
+  return True
 
 
 if __name__ == '__main__':

@@ -43,3 +43,19 @@ def test_compile_rl_step_on_fake_mesh_reports_memory():
   assert s['alias'] > 0          # the train state is donated
   text = aot.format_report(target, stats, 'Tp=48')
   assert 'FAKE CPU MESH of 2 devices' in text and text.splitlines()[3].startswith('rl')
+
+
+def test_report_verdicts_and_out_of_memory():
+  gib = 2 ** 30
+  ok = {'argument': 10 * gib, 'output': 10 * gib, 'alias': 10 * gib, 'temp': 5 * gib, 'generated_code': 0,
+        'peak_estimate': 15 * gib}
+  big = dict(ok, temp=100 * gib, peak_estimate=110 * gib)
+  tpu = aot.Target([], 'TPU v5p:2x2x2 (8 devices, compile-only)', 95, False)
+  text = aot.format_report(tpu, {'score': ok, 'rl': big}, 'Tp=1')
+  assert 'fits' in text.splitlines()[3] and 'DOES NOT FIT in 95 GiB' in text.splitlines()[4]
+  assert aot.fits(tpu, {'score': ok}) and not aot.fits(tpu, {'score': ok, 'rl': big})
+  oom = {'sft': {'error': 'RESOURCE_EXHAUSTED: Ran out of memory on HBM'}}
+  assert 'sft     DOES NOT FIT: RESOURCE_EXHAUSTED' in aot.format_report(tpu, oom, '')
+  assert not aot.fits(tpu, oom)
+  fake = aot.Target([], 'FAKE CPU MESH', None, True)
+  assert aot.fits(fake, {'rl': big})        # no HBM figure for a fake mesh: no verdict

@@ -26,6 +26,7 @@ flags.DEFINE_integer('limit', 0, 'evaluate at most this many records per benchma
 flags.DEFINE_integer('heatmaps', 2, 'attention heat maps for this many examples of the first batch (0 = none)')
 flags.DEFINE_string('method', 'this run', 'row label in the paper-layout table')
 flags.DEFINE_float('max_bad_fraction', 0.5, 'stop when more than this fraction of a benchmark\'s records is bad')
+flags.DEFINE_bool('greedy', True, 'greedy decoding; --nogreedy samples with --config.sampling.* instead')
 FLAGS = flags.FLAGS
 
 
@@ -45,7 +46,8 @@ def main(argv):
     raise app.UsageError('give at least one --bench=NAME:ANNOTATION[:MEDIA_ROOT]')
   from ral_jax.eval import run
   run.evaluate(_CONFIG.value, [parse_bench(b) for b in FLAGS.bench], FLAGS.outdir, FLAGS.checkpoint,
-               FLAGS.batch_size, FLAGS.limit or None, FLAGS.heatmaps, FLAGS.method, FLAGS.max_bad_fraction)
+               FLAGS.batch_size, FLAGS.limit or None, FLAGS.heatmaps, FLAGS.method, FLAGS.max_bad_fraction,
+               FLAGS.greedy)
 
 
 if __name__ == '__main__':

@@ -234,7 +234,8 @@ def as_list(value: Any) -> List[str]:
 
 def letter(value: Any, num_options: int) -> str:
   """Normalises an answer given as 'B', '(B)', 'B. text' or an int index to a letter inside the options."""
-  if isinstance(value, (int, float)) and not isinstance(value, bool) or (isinstance(value, str) and value.strip().isdigit()):
+  numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if numeric or (isinstance(value, str) and value.strip().isdigit()):
     i = int(value)
   else:
     m = re.match(r'^\s*\(?([A-Z])(?:[\).:]|\s|$)', str(value or ''))

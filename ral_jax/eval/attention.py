@@ -36,8 +36,9 @@ def _policy_rows(cfg, params, x, keep, tr, layer, rows):
 
 
 def greedy_with_policy(ctx, params, batch: Dict, keep: int, rng=None, layer: int = -1,
-                       rows: str = 'response') -> Dict[str, np.ndarray]:
+                       rows: str = 'response', greedy: bool = True) -> Dict[str, np.ndarray]:
   """Greedy responses of a data batch and the attention rows of its first `keep` examples (host arrays).
+  greedy=False samples with the config's sampling settings (temperature, top-k, top-p) instead.
 
   Returns {'texts' [B] (decoded), 'tokens' [B,Tr], 'response_mask' [B,Tr], 'lengths' [B], 'input_ids'
   [keep,S], 'policy' [keep,Tr,S]} for this process's rows.
@@ -47,7 +48,7 @@ def greedy_with_policy(ctx, params, batch: Dict, keep: int, rng=None, layer: int
   dev = batches.to_device(batch, ctx.mesh)
   vis = ctx.encode(params, cfg, dev)
   prompts = {k: dev[k] for k in ('prompt_ids', 'prompt_mask', 'positions')}
-  out = rollout.generate(params, cfg, prompts, vis, rng, ctx.sampling(greedy=True), 1, mesh=ctx.mesh,
+  out = rollout.generate(params, cfg, prompts, vis, rng, ctx.sampling(greedy=greedy), 1, mesh=ctx.mesh,
                          rules=ctx.rules)
   x = batches.sequence_inputs(dev['prompt_ids'], dev['prompt_mask'], dev['positions'], out.tokens,
                               out.response_mask, vis)

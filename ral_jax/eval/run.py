@@ -123,7 +123,8 @@ def _batches(config, ctx, manifest: str, batch_size: int) -> Iterator[Dict]:
 
 
 def evaluate_records(config, ctx, params, name: str, records: Sequence[dict], outdir: str, batch_size: int,
-                     heatmap_examples: int = 0, rng=None) -> Tuple[List[dict], Dict[str, int]]:
+                     heatmap_examples: int = 0, rng=None,
+                     greedy: bool = True) -> Tuple[List[dict], Dict[str, int]]:
   """Greedy-decodes and scores every record; returns per-example results (process 0 gets all of them)."""
   manifest = write_manifest(os.path.join(outdir, 'manifests', f'{name}.jsonl'), records)
   by_id = {r['problem_id']: r for r in records}
@@ -135,7 +136,8 @@ def evaluate_records(config, ctx, params, name: str, records: Sequence[dict], ou
       counter = batch['_counter']
       break
     keep = heatmap_examples if i == 0 else 0
-    res = attention.greedy_with_policy(ctx, params, batch, max(keep, 1), rng)
+    res = attention.greedy_with_policy(ctx, params, batch, max(keep, 1), jax.random.fold_in(rng, i),
+                                       ctx.run.rl.record_layers[0], ctx.run.rl.rows, greedy)
     if keep:
       ex = [b for b in range(keep) if batch['valid'][b]]
       if jax.process_index() == 0 and ex:
@@ -172,16 +174,18 @@ def _gather(rows: List[dict]) -> List[dict]:
 
 def evaluate(config, benchmarks: Sequence[tuple], outdir: str, checkpoint: str = '', batch_size: int = 0,
              limit: Optional[int] = None, heatmap_examples: int = 2, method: str = 'this run',
-             max_bad_fraction: float = 0.5) -> Dict[str, dict]:
+             max_bad_fraction: float = 0.5, greedy: bool = True) -> Dict[str, dict]:
   """benchmarks: [(adapter name, annotation path, media root or '')]. Writes results.json / results.md and
-  predictions_<bench>.jsonl under outdir (process 0); returns {bench: summary}."""
+  predictions_<bench>.jsonl under outdir (process 0); returns {bench: summary}. greedy=False decodes with
+  config.sampling (temperature, top-k, top-p) instead of greedily."""
   ctx, run = build_context(config)
   params = load_params(config, ctx, run, checkpoint)
   bs = batch_size or run.loop.eval_batch
   summaries, per_example = {}, {}
   for name, annotation, media_root in benchmarks:
     res = adapters.load_benchmark(name, annotation, media_root or None, limit).check(max_bad_fraction)
-    rows, pipe_bad = evaluate_records(config, ctx, params, name, res.records, outdir, bs, heatmap_examples)
+    rows, pipe_bad = evaluate_records(config, ctx, params, name, res.records, outdir, bs, heatmap_examples,
+                                      greedy=greedy)
     bad = dict(res.bad)
     bad.update({f'pipeline: {k}': int(v) for k, v in pipe_bad.items()})
     summaries[name] = report.summarize(rows, bad)
