@@ -78,7 +78,8 @@ def run_jax(args) -> dict:
   import numpy as np
   from ral_jax.models.config import get_preset
   from ral_jax.models.vlm import Qwen25VL, init_params
-  cfg = get_preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, remat_policy=args.remat,
+  remats = [r for r in args.remat.split(',') if r]
+  cfg = get_preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, remat_policy=remats[0],
                    attention_impl=args.attention_impl or None, record_chunk=args.record_chunk)
   T, n_vis, R = args.seq, args.visual, args.rows
   ids, pos, rows = _inputs(cfg, T, n_vis, R)
@@ -95,42 +96,49 @@ def run_jax(args) -> dict:
   ids, pos, rows = jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(rows)
   mask = jnp.ones_like(ids) if args.mask else None
 
-  def loss(p, record):
-    out = model.apply({'params': p}, ids, pos, mask, visual_embeds=vis, record_rows=rows if record else None)
+  data = dict(ids=ids, pos=pos, mask=mask, vis=vis, rows=rows, weights=weights)   # jit arguments, not constants
+
+  def loss(p, d, record):
+    ids = d['ids']
+    out = model.apply({'params': p}, ids, d['pos'], d['mask'], visual_embeds=d['vis'],
+                      record_rows=d['rows'] if record else None)
     logp = jax.nn.log_softmax(out.logits[:, T - R - 1:T - 1], axis=-1)
     tok = jnp.take_along_axis(logp, ids[:, T - R:, None], axis=-1)
     val = -jnp.mean(tok)
     if record:
-      val = val + jnp.sum(out.record[cfg.num_hidden_layers - 1]['policy'] * weights)
+      val = val + jnp.sum(out.record[cfg.num_hidden_layers - 1]['policy'] * d['weights'])
     return val
 
   flops = model_flops(cfg, T)
   res = {'device': dev.device_kind, 'preset': args.preset, 'dtype': args.dtype, 'seq': T, 'visual': n_vis,
          'rows': R, 'remat': args.remat, 'attention_impl': args.attention_impl, 'mask': bool(args.mask),
          'model_flops': flops}
-  for record in (False, True):
-    step = jax.jit(jax.value_and_grad(lambda p: loss(p, record)))
-    t0 = time.perf_counter()
-    try:
-      compiled = step.lower(params).compile()
-    except Exception as e:    # e.g. cuDNN attention unavailable: fall back to XLA attention, say so
-      if cfg.attention_impl != 'cudnn':
-        raise
-      print(f'cuDNN attention failed ({type(e).__name__}: {str(e)[:300]}); falling back to xla', flush=True)
-      cfg = cfg.replace(attention_impl='xla')
-      model = Qwen25VL(cfg)
-      res['attention_impl'] = 'xla (cudnn failed)'
-      step = jax.jit(jax.value_and_grad(lambda p: loss(p, record)))
-      compiled = step.lower(params).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    dt = _timeit(lambda: compiled(params), args.iters)
-    stats = dev.memory_stats() or {}
-    key = 'jax_record' if record else 'jax_no_record'
-    res[key] = {'step_s': dt, 'mfu': flops / dt / PEAK_FLOPS, 'compile_s': compile_s,
-                'temp_bytes': getattr(mem, 'temp_size_in_bytes', None),
-                'peak_bytes_in_use': stats.get('peak_bytes_in_use')}
-    print(key, json.dumps(res[key]), flush=True)
+  for remat in remats:
+    cfg = cfg.replace(remat_policy=remat)
+    model = Qwen25VL(cfg)
+    for record in (False, True):
+      step = jax.jit(jax.value_and_grad(lambda p, d: loss(p, d, record)))
+      t0 = time.perf_counter()
+      try:
+        compiled = step.lower(params, data).compile()
+      except Exception as e:    # e.g. cuDNN attention unavailable: fall back to XLA attention, say so
+        if cfg.attention_impl != 'cudnn':
+          raise
+        print(f'cuDNN attention failed ({type(e).__name__}: {str(e)[:300]}); falling back to xla', flush=True)
+        cfg = cfg.replace(attention_impl='xla')
+        model = Qwen25VL(cfg)
+        res['attention_impl'] = 'xla (cudnn failed)'
+        step = jax.jit(jax.value_and_grad(lambda p, d: loss(p, d, record)))
+        compiled = step.lower(params, data).compile()
+      compile_s = time.perf_counter() - t0
+      mem = compiled.memory_analysis()
+      dt = _timeit(lambda: compiled(params, data), args.iters)
+      stats = dev.memory_stats() or {}
+      key = ('jax_record' if record else 'jax_no_record') + ('' if remat == remats[0] else f'_{remat}')
+      res[key] = {'step_s': dt, 'mfu': flops / dt / PEAK_FLOPS, 'compile_s': compile_s, 'remat': remat,
+                  'temp_bytes': getattr(mem, 'temp_size_in_bytes', None),
+                  'peak_bytes_in_use': stats.get('peak_bytes_in_use')}
+      print(key, json.dumps(res[key]), flush=True)
   return res
 
 
@@ -206,7 +214,8 @@ def main(argv=None):
   ap.add_argument('--seq', type=int, default=4096)
   ap.add_argument('--visual', type=int, default=3072)
   ap.add_argument('--rows', type=int, default=1024)
-  ap.add_argument('--remat', default='nothing_saveable')
+  ap.add_argument('--remat', default='nothing_saveable',
+                  help='comma list of cfg.remat_policy values; the first is the headline (torch: checkpointing on)')
   ap.add_argument('--attention_impl', default='cudnn', help="'cudnn' | 'xla' | '' (auto)")
   ap.add_argument('--record_chunk', type=int, default=256)
   ap.add_argument('--mask', type=int, default=0, help='1: pass an all-ones attention_mask (the masked path)')
@@ -222,7 +231,8 @@ def main(argv=None):
   torch_res = {}
   for impl in [s for s in args.torch.split(',') if s]:   # first, before JAX takes the GPU memory
     cmd = [sys.executable, '-m', 'ral_jax.bench.forward', '--_torch_only', impl] + [
-        f'--{k}={getattr(args, k)}' for k in ('preset', 'dtype', 'seq', 'visual', 'rows', 'remat', 'iters')]
+        f'--{k}={getattr(args, k)}' for k in ('preset', 'dtype', 'seq', 'visual', 'rows', 'iters')] + [
+        f'--remat={args.remat.split(",")[0]}']
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
     if proc.returncode or not lines:
@@ -235,6 +245,9 @@ def main(argv=None):
   res.update(torch_res)
   base = res['jax_no_record']['step_s']
   res['ratios'] = {'record_over_no_record': res['jax_record']['step_s'] / base}
+  for k in list(res):
+    if k.startswith('jax_record_'):
+      res['ratios'][f'record_over_no_record_{k[11:]}'] = res[k]['step_s'] / res['jax_no_record_' + k[11:]]['step_s']
   for impl in ('sdpa', 'eager'):
     t = res.get(f'torch_{impl}', {}).get('step_s')
     if t:

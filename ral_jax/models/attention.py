@@ -4,10 +4,11 @@ Shapes: x [B,T,D]; q [B,T,N,H]; k, v [B,S,K,H] with N = K * G (GQA groups G). Sl
 at key slot t (no cache) or at slot index[b] + t (KV cache); a key j is visible to query slot i iff
 key_valid[b, j] and j <= i (causal, self included), exactly as transformers' eager attention with a padding mask.
 
-Two computations share the projected, rotated q and k:
-- the layer output, always through `jax.nn.dot_product_attention` (implementation=cfg.attention_impl: XLA on CPU,
-  cuDNN on GPU when asked), softmax scale 1/sqrt(H);
-- the record (only when `record_rows` is given), see `attention_record`.
+Two computations use the projected, rotated q and k:
+- the layer output (`Attention.__call__`), always through `jax.nn.dot_product_attention`
+  (implementation=cfg.attention_impl: XLA on CPU, cuDNN on GPU when asked), softmax scale 1/sqrt(H);
+- the record (`Attention.record`, see `attention_record`), which recomputes q and k from the layer input
+  (text.py keeps the recorded layers' inputs), so the layer stack itself never changes shape.
 """
 from __future__ import annotations
 
@@ -96,50 +97,54 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, cos, sin, key_valid, q_slot, *, kv_cache=None, cache_index=None, record_rows=None,
-               record_heads: bool = False, causal_fast: bool = True):
-    """x [B,T,D]; cos/sin [B,T,H]; key_valid [B,S] bool, or None = all valid (S = T, or the cache length with
-    the new tokens already marked); q_slot [B,T] int32 slots of the queries; kv_cache (k [B,Smax,K,H], v) or None; cache_index [B].
-    Returns (out [B,T,D], new kv_cache or None, record dict or None)."""
+  def setup(self):
     cfg = self.cfg
     N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q = DenseGeneral((N, H), ('embed',), ('heads', 'head_dim'), use_bias=True, name='q_proj', **kw)(x)
-    k = DenseGeneral((K, H), ('embed',), ('kv_heads', 'head_dim'), use_bias=True, name='k_proj', **kw)(x)
-    v = DenseGeneral((K, H), ('embed',), ('kv_heads', 'head_dim'), use_bias=True, name='v_proj', **kw)(x)
-    q = nn.with_logical_constraint(apply_rope(q, cos, sin), ('activation_batch', 'activation_length',
-                                                              'activation_heads', None))
-    k = nn.with_logical_constraint(apply_rope(k, cos, sin), ('activation_batch', 'activation_length',
-                                                              'activation_kv_heads', None))
-    v = nn.with_logical_constraint(v, ('activation_batch', 'activation_length', 'activation_kv_heads', None))
-    record = None
+    self.q_proj = DenseGeneral((N, H), ('embed',), ('heads', 'head_dim'), use_bias=True, **kw)
+    self.k_proj = DenseGeneral((K, H), ('embed',), ('kv_heads', 'head_dim'), use_bias=True, **kw)
+    self.v_proj = DenseGeneral((K, H), ('embed',), ('kv_heads', 'head_dim'), use_bias=True, **kw)
+    self.o_proj = DenseGeneral((cfg.hidden_size,), ('heads', 'head_dim'), ('embed',), **kw)
+
+  def queries_keys(self, x, cos, sin):
+    """x [B,T,D] -> rotated q [B,T,N,H], k [B,T,K,H]."""
+    q = nn.with_logical_constraint(apply_rope(self.q_proj(x), cos, sin),
+                                   ('activation_batch', 'activation_length', 'activation_heads', None))
+    k = nn.with_logical_constraint(apply_rope(self.k_proj(x), cos, sin),
+                                   ('activation_batch', 'activation_length', 'activation_kv_heads', None))
+    return q, k
+
+  def record(self, x, cos, sin, key_valid, record_rows, record_heads: bool = False):
+    """The attention record of this layer for the (normed) layer input x [B,T,D]; uses only q_proj and k_proj.
+    key_valid [B,T] bool or None (all valid). Returns {'policy': [B,R,S]} (+ 'heads' [B,N,R,S])."""
+    q, k = self.queries_keys(x, cos, sin)
+    if key_valid is None:
+      key_valid = jnp.ones(k.shape[:2], bool)
+    policy, heads = attention_record(q, k, key_valid, record_rows, chunk=self.cfg.record_chunk,
+                                     with_heads=record_heads)
+    return {'policy': policy, 'heads': heads} if record_heads else {'policy': policy}
+
+  def __call__(self, x, cos, sin, key_valid, q_slot, *, kv_cache=None, cache_index=None, causal_fast: bool = True):
+    """x [B,T,D]; cos/sin [B,T,H]; key_valid [B,S] bool, or None = all valid (S = T, or the cache length with
+    the new tokens already marked); q_slot [B,T] int32 slots of the queries; kv_cache (k [B,Smax,K,H], v) or
+    None; cache_index [B]. Returns (out [B,T,D], new kv_cache or None)."""
+    cfg = self.cfg
+    q, k = self.queries_keys(x, cos, sin)
+    v = nn.with_logical_constraint(self.v_proj(x), ('activation_batch', 'activation_length',
+                                                    'activation_kv_heads', None))
+    new_cache = None
     if kv_cache is not None:
-      if record_rows is not None:
-        raise ValueError('the attention record is not available with a KV cache: run a full forward (cache=None)')
       k_all = write_cache(kv_cache[0], k, cache_index)
       v_all = write_cache(kv_cache[1], v, cache_index)
       new_cache = (k_all, v_all)
       out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
                                          mask=visibility_mask(key_valid, q_slot), implementation=cfg.attention_impl)
-    else:
-      new_cache = None
-      if causal_fast and (key_valid is None or cfg.attention_impl != 'cudnn'):
-        # Slots are 0..T-1: the causal flag (+ a key padding mask [B,1,1,S]); mask=None is cuDNN's fastest path.
-        mask = None if key_valid is None else key_valid[:, None, None, :]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
-      else:   # cuDNN turns a mask into a bias: give it the full [B,1,T,S] visibility
-        q_slot = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2]) if q_slot is None else q_slot
-        out = jax.nn.dot_product_attention(q, k, v, mask=visibility_mask(key_valid, q_slot),
-                                           implementation=cfg.attention_impl)
-      if record_rows is not None:
-        if key_valid is None:
-          key_valid = jnp.ones(k.shape[:2], bool)
-        policy, heads = attention_record(q, k, key_valid, record_rows, chunk=cfg.record_chunk,
-                                         with_heads=record_heads)
-        record = {'policy': policy}
-        if record_heads:
-          record['heads'] = heads
+    elif causal_fast and (key_valid is None or cfg.attention_impl != 'cudnn'):
+      # Slots are 0..T-1: the causal flag (+ a key padding mask [B,1,1,S]); mask=None is cuDNN's fastest path.
+      mask = None if key_valid is None else key_valid[:, None, None, :]
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
+    else:   # cuDNN turns a mask into a bias: give it the full [B,1,T,S] visibility
+      out = jax.nn.dot_product_attention(q, k, v, mask=visibility_mask(key_valid, q_slot),
+                                         implementation=cfg.attention_impl)
     out = nn.with_logical_constraint(out, ('activation_batch', 'activation_length', 'activation_heads', None))
-    y = DenseGeneral((x.shape[-1],), ('heads', 'head_dim'), ('embed',), name='o_proj', **kw)(out)
-    return y, new_cache, record
+    return self.o_proj(out), new_cache

@@ -6,9 +6,12 @@ init of `DecoderLayer` and applied with plain JAX: `lax.scan` over slices of the
 Python loop over layers (False). Both give the same parameter tree, so checkpoints and hf_io do not depend on it.
 Each layer runs under `jax.checkpoint` with the policy named by `cfg.remat_policy` (see `remat_policy`).
 
-Recorded layers (method.md s.1) pay for the record alone: the stack is cut at each recorded layer l; layers
-[prev, l) run in one scan without the record, layer l runs by itself with `record_rows`, and so on. With the
-default record_layers=(-1,) that is one scan over L-1 layers plus the last layer.
+Recorded layers (method.md s.1) pay for the record alone: all L layers run in one scan (or loop) on the fast
+attention path; the scan carries the input hidden state of each recorded layer ([n_rec,B,T,D], updated by a select,
+so nothing is stacked over L), and after the stack `DecoderLayer.record` recomputes that layer's normed input, q and
+k (a few percent of one layer's FLOPs) and the record. Gradients reach the layer's q/k/norm parameters and, through
+the kept input, every layer below. (Cutting the stack into scans around the recorded layer instead would copy the
+sliced parameter stacks and their gradients: +13 GB at 7B.)
 
 KV cache (decode): see `ral_jax/models/vlm.py` for the cache pytree; here layer i reads and writes slice i of
 cache['k'] / cache['v'] [L,B,Smax,K,H] carried through the scan (in place under donation).
@@ -48,18 +51,23 @@ class DecoderLayer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, h, cos, sin, key_valid, q_slot, kv_cache=None, cache_index=None, record_rows=None,
-               record_heads: bool = False, causal_fast: bool = True):
+  def setup(self):
     cfg, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = RMSNorm(cfg.rms_norm_eps, name='input_layernorm', **kw)(h)
-    a, new_cache, rec = Attention(cfg, name='self_attn', **kw)(
-        x, cos, sin, key_valid, q_slot, kv_cache=kv_cache, cache_index=cache_index, record_rows=record_rows,
-        record_heads=record_heads, causal_fast=causal_fast)
+    self.input_layernorm = RMSNorm(cfg.rms_norm_eps, **kw)
+    self.self_attn = Attention(cfg, **kw)
+    self.post_attention_layernorm = RMSNorm(cfg.rms_norm_eps, **kw)
+    self.mlp = GatedMLP(cfg.intermediate_size, **kw)
+
+  def __call__(self, h, cos, sin, key_valid, q_slot, kv_cache=None, cache_index=None, causal_fast: bool = True):
+    a, new_cache = self.self_attn(self.input_layernorm(h), cos, sin, key_valid, q_slot, kv_cache=kv_cache,
+                                  cache_index=cache_index, causal_fast=causal_fast)
     h = h + a
-    x = RMSNorm(cfg.rms_norm_eps, name='post_attention_layernorm', **kw)(h)
-    h = h + GatedMLP(cfg.intermediate_size, name='mlp', **kw)(x)
-    return nn.with_logical_constraint(h, _H_AXES), new_cache, rec
+    h = h + self.mlp(self.post_attention_layernorm(h))
+    return nn.with_logical_constraint(h, _H_AXES), new_cache
+
+  def record(self, h, cos, sin, key_valid, record_rows, record_heads: bool = False):
+    """Attention record of this layer from its input h [B,T,D] (needs input_layernorm, q_proj, k_proj only)."""
+    return self.self_attn.record(self.input_layernorm(h), cos, sin, key_valid, record_rows, record_heads)
 
 
 def _add_layer_axis(tree):
@@ -121,33 +129,45 @@ class TextModel(nn.Module):
     stack = self.layers
     use_remat, policy = remat_policy(cfg.remat_policy)
 
-    def make_fn(rows_given: bool, with_cache: bool, causal_fast: bool):
-      def fn(p, h, key_valid, q_slot, kv, idx, rows):
+    def make_fn(causal_fast: bool):
+      def fn(p, h, key_valid, q_slot, kv, idx):
         return self._layer().apply({'params': p}, h, cos, sin, key_valid, q_slot, kv_cache=kv, cache_index=idx,
-                                   record_rows=rows, record_heads=record_heads, causal_fast=causal_fast)
+                                   causal_fast=causal_fast)
       return jax.checkpoint(fn, policy=policy) if use_remat else fn
 
-    take = lambda tree, a, b: jax.tree.map(lambda x: x[a:b], tree)
     records = {}
     if cache is None:
       key_valid = None if attention_mask is None else attention_mask.astype(bool)
       q_slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-      plain = make_fn(False, False, True)
-      recd = make_fn(True, False, True)
+      plain = make_fn(True)
       rec_layers = normalize_layers(record_layers, L) if record_rows is not None else ()
-      start = 0
-      for stop in rec_layers + (L,):
-        if stop > start:
-          if cfg.scan_layers:
-            body = lambda hh, p: (plain(p, hh, key_valid, q_slot, None, None, None)[0], None)
-            h, _ = jax.lax.scan(body, h, take(stack, start, stop))
-          else:
-            for i in range(start, stop):
-              h = plain(jax.tree.map(lambda x: x[i], stack), h, key_valid, q_slot, None, None, None)[0]
-        if stop < L:
-          h, _, rec = recd(jax.tree.map(lambda x: x[stop], stack), h, key_valid, q_slot, None, None, record_rows)
-          records[stop] = rec
-        start = stop + 1
+      inputs = {}                     # recorded layer -> its input hidden state [B,T,D]
+      if cfg.scan_layers:
+        rec_idx = jnp.asarray(rec_layers, jnp.int32)
+
+        def body(carry, xs):
+          hh, saved = carry
+          p, i = xs
+          if rec_layers:              # keep the input of layer i if it is recorded (a select: no stacking)
+            saved = jnp.where((rec_idx == i)[:, None, None, None], hh[None], saved)
+          return (plain(p, hh, key_valid, q_slot, None, None)[0], saved), None
+        saved = jnp.zeros((len(rec_layers),) + h.shape, h.dtype)
+        (h, saved), _ = jax.lax.scan(body, (h, saved), (stack, jnp.arange(L, dtype=jnp.int32)))
+        inputs = {l: saved[k] for k, l in enumerate(rec_layers)}
+      else:
+        for i in range(L):
+          if i in rec_layers:
+            inputs[i] = h
+          h = plain(jax.tree.map(lambda x: x[i], stack), h, key_valid, q_slot, None, None)[0]
+
+      def rec_fn(p, hh):
+        return self._layer().apply({'params': p}, hh, cos, sin, key_valid, record_rows, record_heads,
+                                   method=DecoderLayer.record)
+      rec_fn = jax.checkpoint(rec_fn, policy=policy) if use_remat else rec_fn
+      for l in rec_layers:            # only the leaves the record reads, sliced at layer l
+        p = {'input_layernorm': jax.tree.map(lambda x: x[l], stack['input_layernorm']),
+             'self_attn': {n: jax.tree.map(lambda x: x[l], stack['self_attn'][n]) for n in ('q_proj', 'k_proj')}}
+        records[l] = rec_fn(p, inputs[l])
       return self.norm(h), records, None
 
     if record_rows is not None:
@@ -156,13 +176,13 @@ class TextModel(nn.Module):
     am = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
     key_valid = write_cache(cache['mask'], am, index)
     q_slot = index[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    step = make_fn(False, True, False)
+    step = make_fn(False)
 
     def body(carry, xs):
       hh, kc, vc = carry
       p, i = xs
       kv = (jax.lax.dynamic_index_in_dim(kc, i, keepdims=False), jax.lax.dynamic_index_in_dim(vc, i, keepdims=False))
-      hh, (k_new, v_new), _ = step(p, hh, key_valid, q_slot, kv, index, None)
+      hh, (k_new, v_new) = step(p, hh, key_valid, q_slot, kv, index)
       kc = jax.lax.dynamic_update_index_in_dim(kc, k_new, i, 0)
       vc = jax.lax.dynamic_update_index_in_dim(vc, v_new, i, 0)
       return (hh, kc, vc), None
