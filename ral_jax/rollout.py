@@ -259,7 +259,8 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules, impl: str):
     tok, lp = _sample(rep(logits, 0), rng, 0, sampling)
     return _constrain_state(_record_token(state, tok, lp, sampling), mesh)
 
-  def decode_fn(weights, state, rng):
+  def decode_fn(weights, big, small, rng):
+    state = small.replace(cache=big[0], tokens=big[1], logprobs=big[2])
     R = state.tokens.shape[0]
 
     def cond(s):
@@ -281,10 +282,12 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules, impl: str):
     mask = (jnp.arange(Tr, dtype=jnp.int32)[None, :] < s.lengths[:, None]).astype(jnp.int32)
     out = RolloutOutput(tokens=s.tokens, logprobs=s.logprobs, response_mask=mask, lengths=s.lengths,
                         stop_reason=s.stop_reason)
-    return out, s   # the final state is returned so that every donated input buffer (the cache) is reused in place
+    return out, (s.cache, s.tokens, s.logprobs)   # returned so that the donated buffers are updated in place
 
   weights_jit = jax.jit(weights_fn)
   prefill_jit = jax.jit(prefill_fn)
+  # Only the large arrays (cache, tokens, log-probs) are donated: the small [R] fields of a prefilled state can be
+  # constants (e.g. lengths and stop_reason are both all-ones), which must not be written in place.
   decode_jit = jax.jit(decode_fn, donate_argnums=(1,))
 
   def weights(*args):
@@ -295,9 +298,11 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules, impl: str):
     with ctx():
       return prefill_jit(*args)
 
-  def decode(*args):
+  def decode(weights, state, rng):
+    big = (state.cache, state.tokens, state.logprobs)
+    small = state.replace(cache=None, tokens=None, logprobs=None)
     with ctx():
-      out, _ = decode_jit(*args)
+      out, _ = decode_jit(weights, big, small, rng)
     return out
   return weights, prefill, decode
 
