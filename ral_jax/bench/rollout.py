@@ -133,7 +133,8 @@ def run_jax(args, preset: str, prompts, impl: str = 'layers'):
              decode_tok_s=rows * (new - 1) / t_dec, total_s=t_pre + t_dec, new_tok_s=rows * new / (t_pre + t_dec),
              step_ms=1e3 * t_dec / (new - 1), peak_gib=stats.get('peak_bytes_in_use', 0) / 2 ** 30,
              weight_gib=wbytes / 2 ** 30, kv_cache_gib=kv_final / 2 ** 30, hbm_bw=bw,
-             lengths_ok=bool((lengths == new).all()), min_length=int(lengths.min()))
+             lengths_ok=bool((lengths == new).all()), min_length=int(lengths.min()),
+             lengths_seen=sorted(set(lengths.tolist()))[:6])
   if bw:
     t_bound = bound_bytes / bw
     res.update(bound_decode_s=t_bound, bound_decode_tok_s=rows * (new - 1) / t_bound,
