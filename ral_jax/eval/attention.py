@@ -66,8 +66,11 @@ def greedy_with_policy(ctx, params, batch: Dict, keep: int, rng=None, layer: int
 
 def snapshot(ctx, params, batch: Dict, out_dir: str, tag: str, step: Optional[int] = None,
              examples: Sequence[int] = (0, 1), tb_writer=None, rng=None, layer: int = -1,
-             rows: str = 'response') -> Dict[int, List[str]]:
+             rows: str = 'response', token: Optional[int] = None) -> Dict[int, List[str]]:
   """Heat maps of where the model looks while answering the first `examples` of `batch`.
+
+  By default the attention rows are averaged over each answer (all its response tokens); `token=j` draws the
+  row of response token j only (clipped to the answer's last token).
 
   ctx: stages.Context; params: the policy parameters; batch: a host data batch (as from the eval pipeline);
   out_dir/tag: files <out_dir>/<tag>_ex<b>_m<j>[_t<k>].png plus <tag>_answers.txt (the greedy answers);
@@ -77,7 +80,12 @@ def snapshot(ctx, params, batch: Dict, out_dir: str, tag: str, step: Optional[in
   res = greedy_with_policy(ctx, params, batch, max(examples) + 1 if examples else 1, rng, layer, rows)
   if jax.process_index() != 0 or not examples:
     return {}
-  row_weights = res['response_mask'][:res['policy'].shape[0]]
+  row_weights = res['response_mask'][:res['policy'].shape[0]].astype(np.float32)
+  if token is not None:
+    last = np.maximum(row_weights.sum(1).astype(int) - 1, 0)
+    pick = np.minimum(token, last)
+    row_weights = np.zeros_like(row_weights)
+    row_weights[np.arange(len(pick)), pick] = 1.0
   host = {'input_ids': res['input_ids'], 'pixel_values': batch['pixel_values'], 'grid_thw': batch['grid_thw'],
           'media_kind': batch['media_kind']}
   paths = heatmaps.render_batch(out_dir, tag, host, res['policy'], row_weights, ctx.model_cfg, examples,

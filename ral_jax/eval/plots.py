@@ -51,6 +51,8 @@ def series(records: Sequence[Mapping], pattern: str) -> Dict[str, Tuple[List[flo
     for key, val in rec.items():
       if key in ('step', 'stage') or not isinstance(val, (int, float)) or isinstance(val, bool):
         continue
+      if '/errors/' in key or key.startswith('errors/'):   # failure counts, e.g. reward/errors/accuracy
+        continue
       if not rx.match(key.split('/')[-1]) or not math.isfinite(val):
         continue
       stage = rec.get('stage') or ''
