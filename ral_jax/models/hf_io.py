@@ -207,7 +207,7 @@ def _export_plan(params, cfg: ModelConfig, scheme: str, dtype) -> List[Tuple[str
     for i in range(max(spec.layers, 1)):
       def produce(spec=spec, leaf=leaf, i=i):
         x = np.asarray(jax.device_get(leaf[i] if spec.layers else leaf))
-        return hf_names.to_hf(spec, x).astype(DTYPES[dt])
+        return hf_names.to_hf(spec, x).astype(DTYPES[dt], copy=False)
       plan.append((spec.hf_name(i), spec.hf_shape, dt, produce))
   return plan
 
