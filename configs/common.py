@@ -181,7 +181,9 @@ def apply_tiny(c: ConfigDict) -> ConfigDict:
   c.rl.prompts_per_batch = 2
   c.rl.group_size = 4
   c.rl.num_minibatches = 2
+  c.rl.lr = 1e-3               # the tiny random model needs large steps to move measurably in 2 updates
   c.sft.batch_size = 4
+  c.sft.lr = 2e-3
   c.optim.warmup_steps = 1
   c.train.sft_steps = 2 if c.algo in ('sft', 'ral', 'ral_zero') else 0
   c.train.rl_steps = 0 if c.algo == 'sft' else 2
@@ -236,7 +238,13 @@ def apply_paper(c: ConfigDict) -> ConfigDict:
 
 
 def apply_embedded_default(c: ConfigDict) -> ConfigDict:
-  """The ~10-minute 2-core-CPU demo: SFT warm-up then RAL on synthetic tasks."""
+  """The ~10-minute 2-core-CPU demo: SFT warm-up then RAL on synthetic tasks (the tiny random-init model needs
+  far larger learning rates than the paper's 7B recipe)."""
+  c.train.sft_steps = 200      # 1600 SFT examples (about 3 passes over the 512 synthetic training examples)
+  c.train.rl_steps = 30        # 30 rollout batches of 8 prompts x G=8, 4 mini-batch updates each
+  c.sft.lr = 2e-3
+  c.rl.lr = 5e-5
+  c.optim.warmup_steps = 10
   return c
 
 
@@ -252,11 +260,11 @@ def get_config_for(task: str, arg: str = '') -> ConfigDict:
   if algo not in ALGOS:
     raise ValueError(f'unknown preset {arg!r}; choose one of: "" (embedded default), paper, tiny, '
                      f'{", ".join(ALGOS)}, tiny_<algo>, paper_<algo>')
-  apply_algo(c, algo)
+  c.algo = algo
   if tiny:
     apply_tiny(c)
   elif paper:
     apply_paper(c)
   else:
     apply_embedded_default(c)
-  return c
+  return apply_algo(c, algo)

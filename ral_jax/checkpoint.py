@@ -91,7 +91,7 @@ class Checkpointer:
   def restore(self, step: int, state_like, ref_like=None) -> tuple[Any, Any, dict]:
     """Restores (state, ref or None, meta) at `step` onto the shardings of the given templates."""
     items = {'state': ocp.args.StandardRestore(abstract_like(state_like)), 'meta': ocp.args.JsonRestore()}
-    has_ref = 'ref' in self.manager.item_metadata(step) and self.manager.item_metadata(step)['ref'] is not None
+    has_ref = os.path.isdir(os.path.join(self.directory, str(step), 'ref'))
     if ref_like is not None and has_ref:
       items['ref'] = ocp.args.StandardRestore(abstract_like(ref_like))
     out = self.manager.restore(step, args=ocp.args.Composite(**items))

@@ -49,24 +49,29 @@ class Context:
         greedy=greedy or s.temperature == 0, max_new_tokens=s.max_new_tokens, stop_ids=tuple(self.ids.eos),
         pad_id=self.ids.pad, dtype=s.dtype or self.model_cfg.dtype)
 
+  def format_reward(self) -> str:
+    return 'format_answer_only' if self.run.rl.format == 'answer_only' else 'format_think_answer'
+
   def reward_config(self) -> rewards_lib.RewardConfig:
+    """The training reward: 'default' = accuracy_weight * accuracy + format_weight * format, else the named
+    registered reward (rl.rewards.register_reward) with weight 1."""
     r = self.run.rl
-    fmt = 'format_answer_only' if r.format == 'answer_only' else 'format_think_answer'
     if r.reward != 'default':
       return rewards_lib.RewardConfig(terms=((r.reward, 1.0),))
-    return rewards_lib.RewardConfig(terms=(('accuracy', r.accuracy_weight), (fmt, r.format_weight)))
+    return rewards_lib.RewardConfig(terms=(('accuracy', r.accuracy_weight), (self.format_reward(), r.format_weight)))
+
+  def score_config(self) -> rewards_lib.RewardConfig:
+    """What is reported as accuracy and format rate, whatever the training reward."""
+    return rewards_lib.RewardConfig(terms=(('accuracy', 1.0), (self.format_reward(), 1.0)))
 
 
 def sft_step(ctx: Context, steps, state, batch: Dict):
-  t0 = time.perf_counter()
   dev = batches.to_device(batch, ctx.mesh)
   vis = ctx.encode(state.params, ctx.model_cfg, dev)
   x = batches.sequence_inputs(dev['prompt_ids'], dev['prompt_mask'], dev['positions'], dev['target_ids'],
                               dev['target_mask'], vis)
   state, m = steps.update(state, x, dev['target_ids'], dev['target_mask'])
-  m = dict(m)
-  m['time/step'] = time.perf_counter() - t0     # dispatch time; the caller logs after the next dispatch
-  return state, m
+  return state, dict(m)
 
 
 def _rollout(ctx: Context, params, dev, vis, rng, G: int, greedy: bool):
@@ -78,7 +83,10 @@ def _rollout(ctx: Context, params, dev, vis, rng, G: int, greedy: bool):
 def _texts_and_rewards(ctx: Context, out, batch, G: int):
   tokens, lengths = batches.host_rows(out.tokens), batches.host_rows(out.lengths)
   texts = batches.decode_responses(ctx.tokenizer, tokens, lengths, ctx.ids.eos)
-  total, per, metrics = rewards_lib.compute_rewards(texts, batches.reward_records(batch), ctx.reward_config(), G)
+  records = batches.reward_records(batch)
+  total, _, metrics = rewards_lib.compute_rewards(texts, records, ctx.reward_config(), G)
+  _, per, _ = rewards_lib.compute_rewards(texts, records, ctx.score_config(), G)
+  per = {'accuracy': per['accuracy'], 'format': per[ctx.format_reward()]}
   return texts, total, per, metrics, lengths
 
 
@@ -128,7 +136,7 @@ def rl_step(ctx: Context, steps, state, ref_params, batch: Dict, rng):
   metrics = dict(m)
   metrics.update({
       'reward': float(rewards.mean()), 'accuracy': float(per['accuracy'].mean()),
-      'format': float(np.mean([v.mean() for k, v in per.items() if k.startswith('format')] or [0.0])),
+      'format': float(per['format'].mean()),
       'adv/mean_abs': float(np.abs(a).mean()), 'adv/std': float(a.std()),
       'adv/frac_zero_groups': float(np.mean(np.all(groups == 0, axis=1))),
       'resp_len': float(lengths.mean()), 'resp_len_max': float(lengths.max()),
@@ -137,7 +145,7 @@ def rl_step(ctx: Context, steps, state, ref_params, batch: Dict, rng):
       'time/rollout': t1 - t0, 'time/scoring': t2 - t1, 'time/update': t3 - t2, 'time/step': t3 - t0,
       'tokens_per_s': n_tok / max(t1 - t0, 1e-9),
   })
-  metrics.update({k: v for k, v in rmetrics.items() if k.startswith('reward/errors')})
+  metrics.update({k: v for k, v in rmetrics.items() if k.startswith('reward/')})
   return state, metrics, texts
 
 
@@ -150,9 +158,8 @@ def evaluate(ctx: Context, params, eval_batches, rng) -> Dict[str, float]:
     vis = ctx.encode(params, ctx.model_cfg, dev)
     out = _rollout(ctx, params, dev, vis, rng, 1, greedy=True)
     _, _, per, _, _ = _texts_and_rewards(ctx, out, batch, 1)
-    fkey = [k for k in per if k.startswith('format')]
     acc += float(per['accuracy'].sum())
-    fmt += float(per[fkey[0]].sum()) if fkey else 0.0
+    fmt += float(per['format'].sum())
     n += len(per['accuracy'])
   n = max(n, 1)
   return {'eval/accuracy': acc / n, 'eval/format': fmt / n, 'eval/examples': float(n),

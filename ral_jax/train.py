@@ -90,11 +90,15 @@ class Trainer:
     latest = self.ckpt.latest_step()
     first_stage = 'sft' if self.run_cfg.loop.sft_steps else 'rl'
     if latest is None:
-      return 0, first_stage, self.new_state(first_stage, params), None, {}
+      ref = train_init.reference_of(params) if first_stage == 'rl' else None
+      return 0, first_stage, self.new_state(first_stage, params), ref, {}
     stage = self.stage_of(latest)
     template = self.new_state(stage, params)
     ref_like = train_init.reference_of(params) if stage == 'rl' else None
     state, ref, meta = self.ckpt.restore(latest, template, ref_like)
+    if stage == 'rl' and ref is None:
+      raise ValueError(f'checkpoint {latest} in {self.ckpt.directory} is an RL step but holds no reference model '
+                       "('ref'); resume from an earlier step or start a new workdir")
     for name, data in (('sft', self.sft_data), ('rl', self.rl_data)):
       if data is not None and name in meta.get('data_state', {}):
         data.set_state(meta['data_state'][name])
@@ -146,11 +150,11 @@ class Trainer:
       t_prev = time.perf_counter()
       for outer in range(done + 1, total + 1):
         new_stage = self.stage_of(outer)
-        if new_stage != stage or (new_stage == 'rl' and ref is None):
-          if new_stage != stage:
-            state = self.new_state('rl', state.params)
+        if new_stage != stage:          # SFT -> RL: fresh RL optimizer, reference = the policy now
+          state = self.new_state('rl', state.params)
           ref = train_init.reference_of(state.params)
           stage = new_stage
+        if stage == 'rl' and outer == run.loop.sft_steps + 1:
           _say(f'step {outer}: RL stage ({run.algo}, lambda_attn={run.rl.lambda_attn}, G={run.rl.group_size}, '
                f'{run.rl.updates_per_rollout} updates per rollout)', writer)
         steps = self.steps_for(stage, state)

@@ -9,12 +9,13 @@ Tp and Tr are static (read from the shapes), so each prompt bucket compiles once
 Conventions:
 - Mini-batches and micro-batches are strided slices of the batch: row i of N belongs to mini-batch i mod n. With
   the batch sharded over ('data', 'fsdp'), `split_rows` keeps each slice evenly sharded.
-- One RL call (`rl_update`) runs epochs x num_minibatches optimizer steps (lax.scan); each optimizer step averages
-  the gradients of its micro-batches (each micro-batch loss aggregated on its own, e.g. token-mean per micro-batch).
+- One RL call (`rl_update`) runs epochs x num_minibatches optimizer steps (lax.scan); each optimizer step sums the
+  losses and gradients of its micro-batches, each normalised by the whole mini-batch's aggregation denominator
+  (rl.objective.loss_denominators), so accumulation is exact for every aggregation mode; metrics are micro means.
 - A non-finite loss or gradient skips that optimizer step (state unchanged, `skipped` counts it).
 - The vision tower never appears inside a differentiated function, so its gradient is zero and its optimizer
   transform (set_to_zero) keeps it frozen.
-- SFT loss: token-mean cross-entropy -log pi(y_t) over valid target tokens (temperature 1).
+- SFT loss: token-mean cross-entropy -sum log pi(y_t) / (valid target tokens of the whole batch), temperature 1.
 """
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ import jax.numpy as jnp
 import optax
 
 from ral_jax.models.vlm import Qwen25VL, lm_head_kernel
-from ral_jax.rl.aggregation import masked_mean
+from ral_jax.rl.aggregation import masked_mean, masked_sum
 from ral_jax.rl.attention_loss import record_rows
 from ral_jax.rl.config import ObjectiveConfig
 from ral_jax.rl.logprobs import response_slice, token_stats_from_hidden
-from ral_jax.rl.objective import RLBatch, loss_from_hidden
+from ral_jax.rl.objective import RLBatch, loss_denominators, loss_from_hidden
 from ral_jax.train_state import TrainState, all_finite, select_tree
 
 
@@ -124,7 +125,9 @@ def teacher_score(sc: StepConfig, teacher_cfg, teacher_params, x: ModelInputs, r
 
 
 def _accumulate(loss_fn: Callable, params, micro, n_micro: int):
-  """Mean loss, grads and metrics over the leading (micro-batch) axis of `micro` (scan over micro-batches)."""
+  """Sum of the micro-batch losses and gradients (each micro-batch loss is already normalised by the whole
+  mini-batch's denominator, so the sum is the mini-batch loss exactly); metrics: loss parts summed, others
+  averaged."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   first = lambda m: jax.tree.map(lambda v: v[0], m)
   (loss, metrics), grads = grad_fn(params, first(micro))
@@ -136,8 +139,9 @@ def _accumulate(loss_fn: Callable, params, micro, n_micro: int):
     return jax.tree.map(jnp.add, acc, (l, g, m)), None
 
   rest = jax.tree.map(lambda v: v[1:], micro)
-  acc, _ = jax.lax.scan(body, (loss, grads, metrics), rest)
-  return jax.tree.map(lambda v: v / n_micro, acc)
+  (loss, grads, metrics), _ = jax.lax.scan(body, (loss, grads, metrics), rest)
+  # Loss parts are normalised by the whole mini-batch (their sum is the mini-batch value); the rest are means.
+  return loss, grads, {k: v if k.endswith('loss') else v / n_micro for k, v in metrics.items()}
 
 
 def _guarded_apply(state: TrainState, tx, loss, grads, metrics):
@@ -155,16 +159,18 @@ def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBa
   tr = batch.response_ids.shape[1]
   obj = sc.objective
 
-  def loss_fn(params, mb):
-    xm, bm, th = mb
-    h, pol = forward(sc, params, xm, tr, sc.record)
-    return loss_from_hidden(obj, bm, h, lm_head_kernel(params, sc.model_cfg), pol, th,
-                            None if th is None else teacher_kernel)
-
   def minibatch_step(st, mb):
+    den = loss_denominators(obj, mb[1].response_mask)          # whole mini-batch: exact accumulation
+
+    def loss_fn(params, micro_batch):
+      xm, bm, th = micro_batch
+      h, pol = forward(sc, params, xm, tr, sc.record)
+      return loss_from_hidden(obj, bm, h, lm_head_kernel(params, sc.model_cfg), pol, th,
+                              None if th is None else teacher_kernel, denominators=den)
+
     micro = split_rows(mb, sc.micro_batches)
     loss, grads, metrics = _accumulate(loss_fn, st.params, micro, sc.micro_batches)
-    return _guarded_apply(st, tx, loss, grads, metrics)
+    return _guarded_apply(st, tx, loss, grads, dict(metrics, loss=loss))
 
   mbs = split_rows((x, batch, teacher_hidden), sc.num_minibatches)
 
@@ -184,19 +190,19 @@ def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBa
 def sft_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, response_ids, response_mask):
   """One optimizer step of token-mean cross-entropy on the target responses (micro-batch accumulation)."""
   tr = response_ids.shape[1]
+  n_tokens = jnp.maximum(jnp.sum(response_mask.astype(jnp.float32)), 1.0)
 
   def loss_fn(params, mb):
     xm, ids, mask = mb
     h, _ = forward(sc, params, xm, tr, False)
     lp = token_stats_from_hidden(h, lm_head_kernel(params, sc.model_cfg), ids, sc.objective.logprob_chunk, 1.0,
                                  with_entropy=False).logprobs
-    loss = -masked_mean(lp, mask)
-    acc = masked_mean((lp > jnp.log(0.5)).astype(jnp.float32), mask)
-    return loss, {'loss': loss, 'token_p50': acc}
+    loss = -masked_sum(lp, mask) / n_tokens
+    return loss, {'token_p50': masked_mean((lp > jnp.log(0.5)).astype(jnp.float32), mask)}
 
   micro = split_rows((x, response_ids, response_mask), sc.sft_micro_batches)
   loss, grads, metrics = _accumulate(loss_fn, state.params, micro, sc.sft_micro_batches)
-  state, metrics = _guarded_apply(state, tx, loss, grads, metrics)
+  state, metrics = _guarded_apply(state, tx, loss, grads, dict(metrics, loss=loss))
   metrics['tokens'] = jnp.sum(response_mask).astype(jnp.float32)
   return state, metrics
 

@@ -6,7 +6,8 @@ them (the tiny model's programs are compiled once per session, not once per pres
 CPU devices like tests/conftest.py; the tiny presets use a (2, 1, 1) mesh on the first two.
 
 A test reward 'test_length' (response length / Tr) is registered in the runner so that advantages are non-zero
-from the first step (the random tiny model earns no accuracy or format reward), which makes the RAL term act.
+from the first step (the random tiny model earns no accuracy or format reward), which makes the RAL term act;
+the ral_zero run keeps the real reward (accuracy + answer-only format).
 """
 import json
 import os
@@ -28,7 +29,7 @@ def _tiny(algo: str, task: str = 'video', **over):
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
   import common
   c = common.get_config_for(task, 'tiny_' + algo)
-  c.rl.reward = 'test_length'
+  c.rl.reward = 'default' if algo == 'ral_zero' else 'test_length'   # ral_zero: the real answer-only reward
   for k, v in over.items():
     node = c
     *parents, leaf = k.split('.')
@@ -52,7 +53,10 @@ def _run_presets(out_dir: str, presets):
   for name in presets:
     algo, task = (name.split(':') + ['video'])[:2]
     wd = os.path.join(out_dir, name.replace(':', '_'))
-    over = {} if algo != 'sft' else {'train.sft_steps': 3}
+    # 'ral' has exactly the programs of the resume test (rl_steps=4 sets the LR horizon), so it also warms the
+    # compilation cache for it: XLA:CPU executables loaded from the cache can differ from fresh compiles in the
+    # last bits, and the resume test compares runs bit for bit.
+    over = {'sft': {'train.sft_steps': 3}, 'ral': {'train.rl_steps': 4}}.get(algo if task == 'video' else '', {})
     final = train.run(_tiny(algo, task, **over), wd)
     rows = [json.loads(line) for line in open(os.path.join(wd, 'metrics.jsonl'))]
     results[name] = {'final': final, 'rows': rows}
@@ -83,7 +87,7 @@ def _run_mesh(out: str):
   from ral_jax.rl.objective import RLBatch
   from ral_jax.train_step import ModelInputs
   c = _tiny('ral')
-  c.rl.prompts_per_batch, c.rl.group_size = 2, 4
+  c.rl.prompts_per_batch, c.rl.group_size = 4, 4      # 16 rows: 2 mini-batches of 8 over 8 batch shards
   results = {}
   for shape in ((1, 1, 1), (2, 4, 1)):
     c.mesh.shape = shape
@@ -93,7 +97,7 @@ def _run_mesh(out: str):
     params = train_init.init_model_params(cfg, mesh, rules, seed=0)
     state = train_init.create_state(params, train_init.optim.make_optimizer(run.rl_optim), 0)
     steps = train_init.make_steps(run, cfg, 'rl', train_init.state_shardings_of(state))
-    n, tp, tr, nv = 8, 9, 7, 4
+    n, tp, tr, nv = 16, 9, 7, 4
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 1000, (n, tp + tr)).astype(np.int32)
     ids[:, 2:2 + nv] = cfg.video_token_id
@@ -192,7 +196,7 @@ def test_tiny_preset_runs_with_finite_metrics(preset_runs, name):
   if name == 'sft':
     assert not rl and len(_stage_rows(preset_runs, name, 'sft')) == 3
     return
-  assert len(rl) == 2
+  assert len(rl) == (4 if name == 'ral' else 2)
   for r in rl:
     for k in ('reward', 'accuracy', 'format', 'adv/mean_abs', 'grpo/pg_loss', 'grpo/kl_ref', 'grpo/clip_frac',
               'grpo/entropy', 'resp_len', 'time/rollout', 'time/scoring', 'time/update', 'tokens_per_s',
@@ -202,7 +206,7 @@ def test_tiny_preset_runs_with_finite_metrics(preset_runs, name):
     assert r['sampler_logprob_gap'] < 1e-3, 'sampler log-probs must match the training forward'
 
 
-@pytest.mark.parametrize('name', ['ral', 'ral_zero', 'ral:image'])
+@pytest.mark.parametrize('name', ['ral', 'ral:image'])
 def test_ral_term_is_zero_at_first_update_and_acts_later(preset_runs, name):
   for r in _stage_rows(preset_runs, name, 'rl'):
     for k in ('ral/loss', 'ral/jsd_pos_adv', 'ral/jsd_neg_adv', 'ral/visual_mass'):
@@ -219,7 +223,8 @@ def test_grpo_has_no_attention_term(preset_runs):
 
 def test_ral_zero_uses_answer_only_format(preset_runs):
   r = _stage_rows(preset_runs, 'ral_zero', 'rl')[0]
-  assert 'reward/errors/format_answer_only' in r and 'reward/errors/format_think_answer' not in r
+  assert 'reward/format_answer_only' in r and 'reward/format_think_answer' not in r
+  assert 'ral/loss' in r
 
 
 def test_distill_has_token_and_attention_distillation(preset_runs):
@@ -253,7 +258,7 @@ def _last_rows(workdir):
 
 
 def test_resume_after_kill_equals_straight_run(tmp_path, compile_cache, preset_runs):
-  del preset_runs  # ordering: reuse its compiled programs
+  del preset_runs  # runs first: all three runs below load the same executables from the compilation cache
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   _spawn(['resume', str(straight), '0'], compile_cache)
   p = _spawn(['resume', str(killed), '3'], compile_cache, check=False)
