@@ -106,6 +106,27 @@ def check_tensors(specs: List[hf_names.Spec], where: Dict[str, SafetensorsFile],
       raise ValueError(f'tensor {name!r}: dtype {dt} not supported; checkpoints must be {" or ".join(READ_DTYPES)}')
 
 
+def _assign(dst: np.ndarray, src: np.ndarray, block: int = 256) -> None:
+  """dst[...] = src, exactly, where src is a strided (e.g. transposed) view and dst is C-contiguous.
+
+  Copied in block x block tiles of the 2-D view [shape[0], rest] (a plain strided copy of a transposed matrix
+  runs ~3x slower); bfloat16 is moved as uint16 bit patterns, and bf16 -> f32 is the 16-bit left shift."""
+  bf16 = DTYPES['BF16']
+  if src.dtype == bf16 and dst.dtype == bf16:
+    dst, src = dst.view(np.uint16), src.view(np.uint16)
+  if src.dtype == bf16 and dst.dtype == np.float32:
+    op = lambda d, s: np.left_shift(s.view(np.uint16), 16, out=d.view(np.uint32), dtype=np.uint32)  # noqa: E731
+  else:
+    op = lambda d, s: np.copyto(d, s)  # noqa: E731
+  if src.ndim < 2 or src.flags.c_contiguous or dst.size <= block * block:
+    op(dst, src)
+    return
+  d2, s2 = dst.reshape(dst.shape[0], -1), src.reshape(src.shape[0], -1)
+  for i in range(0, d2.shape[0], block):
+    for j in range(0, d2.shape[1], block):
+      op(d2[i:i + block, j:j + block], s2[i:i + block, j:j + block])
+
+
 def _leaf_callback(spec: hf_names.Spec, where, dtype):
   """index (tuple of slices into the full Flax leaf) -> that shard, read layer by layer."""
   def read(i):
@@ -113,13 +134,14 @@ def _leaf_callback(spec: hf_names.Spec, where, dtype):
     return hf_names.to_flax(spec, where[name].get(name))
 
   def cb(index):
-    if not spec.layers:
-      return np.asarray(read(0)[index], dtype=dtype)
     index = tuple(index) + (slice(None),) * (len(spec.full_flax_shape) - len(index))
     shape = tuple(len(range(n)[ix]) for n, ix in zip(spec.full_flax_shape, index))
     out = np.empty(shape, dtype)
+    if not spec.layers:
+      _assign(out, read(0)[index])
+      return out
     for j, l in enumerate(range(spec.layers)[index[0]]):
-      out[j] = read(l)[index[1:]]
+      _assign(out[j], read(l)[index[1:]])
     return out
   return cb
 
