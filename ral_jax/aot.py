@@ -209,19 +209,21 @@ def format_report(target: Target, stats: Dict[str, Dict[str, int]], shapes: str)
   return '\n'.join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'ral_jax config file (configs/*.py[:preset])')
-flags.DEFINE_string('topology', '', 'TPU topology, e.g. v4:2x2x2, v5e:4x4, v5p:2x2x4, v6e:2x4')
-flags.DEFINE_integer('fake_devices', 0, 'compile for a fake CPU mesh of this many devices instead')
-flags.DEFINE_list('stages', ['sft', 'score', 'rl', 'vision'], 'what to compile')
-flags.DEFINE_integer('prompt_len', 0, 'prompt length Tp (default: largest data.prompt_buckets)')
-flags.DEFINE_integer('response_len', 0, 'response length Tr (default: sampling.max_new_tokens)')
-flags.DEFINE_integer('patches', 0, 'vision patches P per example (default: largest data.patch_buckets)')
-FLAGS = flags.FLAGS
+def _define_flags():
+  """Command-line flags, defined only when run as a program (importing aot never clashes with other entries)."""
+  config_flags.DEFINE_config_file('config', None, 'ral_jax config file (configs/*.py[:preset])')
+  flags.DEFINE_string('topology', '', 'TPU topology, e.g. v4:2x2x2, v5e:4x4, v5p:2x2x4, v6e:2x4')
+  flags.DEFINE_integer('fake_devices', 0, 'compile for a fake CPU mesh of this many devices instead')
+  flags.DEFINE_list('stages', ['sft', 'score', 'rl', 'vision'], 'what to compile')
+  flags.DEFINE_integer('prompt_len', 0, 'prompt length Tp (default: largest data.prompt_buckets)')
+  flags.DEFINE_integer('response_len', 0, 'response length Tr (default: sampling.max_new_tokens)')
+  flags.DEFINE_integer('patches', 0, 'vision patches P per example (default: largest data.patch_buckets)')
 
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  FLAGS = flags.FLAGS
+  config = FLAGS.config
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/video.py:paper')
   target = choose_target(FLAGS.topology, FLAGS.fake_devices)
@@ -245,4 +247,5 @@ def fits(target: Target, stats: Dict[str, Dict[str, int]]) -> bool:
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

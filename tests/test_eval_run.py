@@ -49,11 +49,10 @@ def _tempcompass_fixture(root):
 
 
 def test_parse_bench_flag():
-  from absl import app
-  from ral_jax.eval.__main__ import parse_bench
+  from ral_jax.eval.run import parse_bench
   assert parse_bench('vstar:/d/test.jsonl') == ('vstar', '/d/test.jsonl', '')
   assert parse_bench('mvbench:/d/json:/d') == ('mvbench', '/d/json', '/d')
-  with pytest.raises(app.UsageError, match='NAME:ANNOTATION'):
+  with pytest.raises(ValueError, match='NAME:ANNOTATION'):
     parse_bench('vstar')
 
 

@@ -30,13 +30,6 @@ flags.DEFINE_bool('greedy', True, 'greedy decoding; --nogreedy samples with --co
 FLAGS = flags.FLAGS
 
 
-def parse_bench(spec: str):
-  parts = spec.split(':')
-  if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-    raise app.UsageError(f'--bench={spec!r}: expected NAME:ANNOTATION[:MEDIA_ROOT]')
-  return parts[0], parts[1], parts[2] if len(parts) == 3 else ''
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
@@ -45,7 +38,11 @@ def main(argv):
   if not FLAGS.bench:
     raise app.UsageError('give at least one --bench=NAME:ANNOTATION[:MEDIA_ROOT]')
   from ral_jax.eval import run
-  run.evaluate(_CONFIG.value, [parse_bench(b) for b in FLAGS.bench], FLAGS.outdir, FLAGS.checkpoint,
+  try:
+    specs = [run.parse_bench(b) for b in FLAGS.bench]
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  run.evaluate(_CONFIG.value, specs, FLAGS.outdir, FLAGS.checkpoint,
                FLAGS.batch_size, FLAGS.limit or None, FLAGS.heatmaps, FLAGS.method, FLAGS.max_bad_fraction,
                FLAGS.greedy)
 

@@ -105,18 +105,17 @@ def main(workdir: str, out: Optional[str] = None) -> List[str]:
   return plot(read_log(os.path.join(workdir, 'metrics.jsonl')), out or os.path.join(workdir, 'plots'))
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'run directory holding metrics.jsonl')
-flags.DEFINE_string('out', None, 'output directory (default <workdir>/plots)')
-
-
 def _cli(argv):
   del argv
-  if not FLAGS.workdir:
+  flags_ = flags.FLAGS
+  if not flags_.workdir:
     raise app.UsageError('--workdir is required')
-  for p in main(FLAGS.workdir, FLAGS.out):
+  for p in main(flags_.workdir, flags_.out):
     print(p)
 
 
 if __name__ == '__main__':
+  # Flags are defined here, not at import, so importing this module next to other entry points never clashes.
+  flags.DEFINE_string('workdir', None, 'run directory holding metrics.jsonl')
+  flags.DEFINE_string('out', None, 'output directory (default <workdir>/plots)')
   app.run(_cli)

@@ -31,6 +31,14 @@ from ral_jax.eval import adapters, attention, report
 from ral_jax.rl import rewards as rewards_lib
 
 
+def parse_bench(spec: str) -> Tuple[str, str, str]:
+  """'NAME:ANNOTATION[:MEDIA_ROOT]' -> (name, annotation, media root or '')."""
+  parts = spec.split(':')
+  if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+    raise ValueError(f'--bench={spec!r}: expected NAME:ANNOTATION[:MEDIA_ROOT]')
+  return parts[0], parts[1], parts[2] if len(parts) == 3 else ''
+
+
 def to_manifest_line(rec: dict) -> dict:
   """An adapter record -> one line of the pipeline's JSONL manifest (data/records.py)."""
   paths = rec['path'] if isinstance(rec['path'], list) else [rec['path']]
