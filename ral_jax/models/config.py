@@ -140,8 +140,9 @@ class ModelConfig:
              attention_dropout=0.0, use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
     v = self.vision
     d['vision_config'] = {k: getattr(v, k) for k in self._VISION_KEYS}
+    tps = v.tokens_per_second
     d['vision_config'].update(hidden_act='silu', fullatt_block_indexes=list(v.fullatt_block_indexes),
-                              model_type='qwen2_5_vl')
+                              model_type='qwen2_5_vl', tokens_per_second=int(tps) if float(tps).is_integer() else tps)
     return d
 
 
