@@ -13,7 +13,8 @@ Model FLOPs per step (PaLM-style; remat recomputation and the record are not cou
 shows its overhead): 6 * T * P_dense + 12 * L * T^2 * N * H, with P_dense = L * (D*(N+2K)*H + N*H*D + 3*D*F) + D*V
 (every matmul weight; the embedding lookup excluded), attention counted non-causal. MFU = FLOPs / time / peak,
 peak = 989e12 (H100/H200 SXM dense bf16 datasheet). Peak memory: the device's peak bytes in use (jax: after the
-no-record runs, then after the record runs; torch: max_memory_allocated per implementation).
+no-record runs, then after the record runs; torch: max_memory_allocated per implementation), and per jax program
+its compiled memory analysis (arguments + outputs + temporaries).
 transformers runs in a subprocess (its own CUDA context) with gradient checkpointing, use_cache=False.
 """
 from __future__ import annotations
@@ -55,14 +56,17 @@ def _inputs(cfg, T, n_vis, n_rows, seed=0):
 
 
 def _timeit(fn, iters):
-  out = fn()
-  _block(out)
-  out = fn()
-  _block(out)
+  """Two warm-up calls, then the mean of `iters` calls; each result is dropped before the next call starts, so
+  the peak memory is one step's."""
+  for _ in range(2):
+    out = fn()
+    _block(out)
+    del out
   t = time.perf_counter()
   for _ in range(iters):
     out = fn()
-  _block(out)
+    _block(out)
+    del out
   return (time.perf_counter() - t) / iters
 
 
@@ -88,7 +92,7 @@ def run_jax(args) -> dict:
   leaves, tree = jax.tree.flatten(shapes)
   keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
   params = jax.tree.unflatten(tree, [
-      jax.jit(lambda k, s=s: (0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype))(kk)
+      jax.jit(lambda k, s=s: 0.02 * jax.random.normal(k, s.shape, s.dtype))(kk)
       for kk, s in zip(keys, leaves)])
   vis = (0.02 * jax.random.normal(jax.random.PRNGKey(1), (1, n_vis, cfg.hidden_size))).astype(cfg.dtype)
   weights = jax.random.uniform(jax.random.PRNGKey(2), (1, R, T), jnp.float32)
@@ -137,6 +141,8 @@ def run_jax(args) -> dict:
       key = ('jax_record' if record else 'jax_no_record') + ('' if remat == remats[0] else f'_{remat}')
       res[key] = {'step_s': dt, 'mfu': flops / dt / PEAK_FLOPS, 'compile_s': compile_s, 'remat': remat,
                   'temp_bytes': getattr(mem, 'temp_size_in_bytes', None),
+                  'argument_bytes': getattr(mem, 'argument_size_in_bytes', None),
+                  'output_bytes': getattr(mem, 'output_size_in_bytes', None),
                   'peak_bytes_in_use': stats.get('peak_bytes_in_use')}
       print(key, json.dumps(res[key]), flush=True)
   return res
