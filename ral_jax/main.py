@@ -29,13 +29,13 @@ def _multihost() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}: use --config.KEY=VALUE for overrides')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)   # the console shows the progress bar; pass --verbosity=0 for INFO
   import jax
   if _multihost():
     jax.distributed.initialize()
   if jax.process_index() != 0:
-    logging.set_verbosity(logging.ERROR)
-  elif not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)   # the console shows the progress bar; pass --verbosity=0 for INFO
+    logging.set_verbosity(logging.ERROR)     # logs and the progress bar on process 0 only
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/video.py')

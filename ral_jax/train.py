@@ -173,6 +173,9 @@ class Trainer:
           m.update(self.evaluate(state.params, outer))
         if outer % run.loop.log_every == 0 or outer == total:
           last = writer.write(outer, m, stage=stage)
+        if float(m.get('skipped', 0.0)) > 0:
+          _say(f'step {outer}: {int(float(m["skipped"]))} optimizer update(s) skipped (non-finite loss or '
+               'gradient)', writer)
         writer.advance(1, stage)
         if not bool(all_finite(state.params)):
           _say(f'step {outer}: non-finite parameters; stopping without saving', writer)
@@ -190,7 +193,7 @@ class Trainer:
              f'{ev["eval/accuracy"]:.3f} (format {ev["eval/format"]:.3f})', writer)
       self.ckpt.wait()
       if run.loop.export_hf:
-        self.export(state.params)
+        self.export(state.params, writer)
       return {**last, **ev, 'eval_before': extra.get('eval_before', float('nan'))}
     finally:
       guard.close()
@@ -203,7 +206,7 @@ class Trainer:
       m['data/bad_fraction'] = m.get('data/bad', 0.0) / m['data/seen']
     return m
 
-  def export(self, params):
+  def export(self, params, writer=None):
     """The policy as an HF checkpoint directory (config.json, safetensors, tokenizer files) in <workdir>/hf_export."""
     import glob
     import shutil
@@ -216,7 +219,7 @@ class Trainer:
         name = os.path.basename(f)
         if os.path.isfile(f) and ('token' in name or 'chat_template' in name or name in ('vocab.json', 'merges.txt')):
           shutil.copy(f, os.path.join(out, name))
-      _say(f'exported the policy as an HF checkpoint to {out}')
+      _say(f'exported the policy as an HF checkpoint to {out}', writer)
 
 
 def run(config, workdir: str) -> Dict[str, float]:

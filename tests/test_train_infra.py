@@ -109,3 +109,27 @@ def test_metrics_writers(tmp_path):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tb'))
   with pytest.raises(ValueError, match='scalars'):
     metrics_lib.to_host({'x': jnp.zeros(3)})
+
+
+def test_non_finite_update_is_skipped():
+  from ral_jax import train_step
+  params = _params()
+  tx = optim.make_optimizer(OptimConfig(lr=0.1))
+  state = TrainState.create(params, tx, jax.random.PRNGKey(3))
+  grads = jax.tree.map(jnp.ones_like, params)
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.inf), grads)
+  for loss, g in ((jnp.float32(jnp.nan), grads), (jnp.float32(1.0), bad)):
+    new, m = jax.jit(lambda s, l, gg: train_step._guarded_apply(s, tx, l, gg, {}))(state, loss, g)
+    assert float(m['skipped']) == 1.0 and int(new.step) == 0
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+      np.testing.assert_array_equal(a, b)
+  new, m = train_step._guarded_apply(state, tx, jnp.float32(1.0), grads, {})
+  assert float(m['skipped']) == 0.0 and int(new.step) == 1
+
+
+def test_split_rows_is_strided_and_invertible():
+  from ral_jax import train_step
+  x = jnp.arange(12).reshape(6, 2)
+  s = train_step.split_rows(x, 3)
+  np.testing.assert_array_equal(s[1], x[1::3])
+  np.testing.assert_array_equal(train_step.merge_rows(s), x)
