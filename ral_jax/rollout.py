@@ -119,11 +119,11 @@ def check_prompts(cfg, prompts, visual_embeds, num_samples: int) -> None:
   if visual_embeds is not None and (visual_embeds.ndim != 3 or visual_embeds.shape[0] != B
                                     or visual_embeds.shape[2] != cfg.hidden_size):
     raise ValueError(f'visual_embeds {visual_embeds.shape}: want [B={B}, Nv, D={cfg.hidden_size}]')
-  try:
-    m = np.asarray(mask).astype(bool)
-    x = np.asarray(ids)
-  except jax.errors.TracerArrayConversionError:
-    return
+  if any(isinstance(a, jax.core.Tracer) or (isinstance(a, jax.Array) and not a.is_fully_addressable)
+         for a in (ids, mask)):
+    return   # traced, or spread over several hosts: the data pipeline checked each host's rows
+  m = np.asarray(mask).astype(bool)
+  x = np.asarray(ids)
   if not m[:, -1].all() or (np.diff(m.astype(np.int8), axis=1) < 0).any():
     raise ValueError('prompts must be left-padded: prompt_mask of each row is 0...0 1...1 with a real last token '
                      '(use rollout.pad_prompts)')
