@@ -22,12 +22,14 @@ API (the trainer calls `generate`; `prefill` / `sampler_weights` / `decode` are 
      (STOP_EOS = 0: a stop id was drawn; STOP_MAX_LEN = 1: Tr tokens without a stop id).
   Row b*G + g is sample g of prompt b (np.repeat order).
 
-How: one prefill per prompt ([B,Tp] through the model's cached forward, cache of Tp + Tr slots), the cache (split
-per layer, see decode.py) and the last logits repeated G times along the batch, token 0 drawn; then a
-`lax.while_loop` over `SamplingState`, one token per iteration (decode.decode_step): feed token j-1 (M-RoPE position next_pos + j - 1 in all three rows, next_pos = max prompt position + 1,
-cache slot Tp + j - 1), draw token j. The loop stops after Tr tokens or as soon as every row is done. The state
-(cache included) is donated to the decode program, so the cache is updated in place; all lengths are arrays, so
-one compilation serves a (B, Tp, Tr, G) bucket.
+How: one prefill per prompt ([B,Tp] through the model's cached forward, cache of Tp + Tr slots; in chunks of
+`sampling.prefill_batch` prompts), the cache (split per layer, see decode.py) and the last logits repeated G times
+along the batch, token 0 drawn; then a `lax.while_loop` over `SamplingState`, one token per iteration
+(decode.decode_step): feed token j-1 (M-RoPE position next_pos + j - 1 in all three rows, next_pos = max prompt
+position + 1, cache slot Tp + j - 1), draw token j. The loop stops after Tr tokens or as soon as every row is done.
+The cache, tokens and log-probs are donated to the decode program and updated in place (the small [R] fields are
+not: a prefilled state may hold XLA constants); all lengths are arrays, so one compilation serves a (B, Tp, Tr, G)
+bucket. `impl='model'` decodes through the model's own cached __call__ instead (reference path, ~3x slower).
 """
 from __future__ import annotations
 
