@@ -98,3 +98,26 @@ def test_record_gradients_flow_to_q_k_and_below_only(problem):
   for x in (attn['v_proj']['kernel'][last], attn['o_proj']['kernel'][last],
             g['model']['layers']['mlp']['down_proj']['kernel'][last], g['lm_head']['kernel']):
     assert not np.asarray(x).any()
+
+
+def test_record_memory_is_rows_by_keys_not_heads_by_t_squared():
+  """Compiled forward+backward temporaries: the record adds far less than one [B,N,T,T] float32 matrix."""
+  cfg = tiny_cfg(num_hidden_layers=2, record_chunk=8)
+  from _model_ref import random_params
+  params = random_params(cfg)
+  B, T, R = 1, 384, 16
+  ids = jnp.zeros((B, T), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (3, B, T))
+  rows = jnp.arange(T - R, T, dtype=jnp.int32)[None]
+
+  def temp_bytes(record):
+    def loss(p):
+      out = Qwen25VL(cfg).apply({'params': p}, ids, pos, None, record_rows=rows if record else None,
+                                return_hidden=True)
+      val = jnp.sum(out.hidden[:, -1])
+      return val + (jnp.sum(out.record[cfg.num_hidden_layers - 1]['policy']) if record else 0.0)
+    return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  full_matrix = B * cfg.num_attention_heads * T * T * 4
+  extra = temp_bytes(True) - temp_bytes(False)
+  assert extra < full_matrix / 4, (extra, full_matrix)
