@@ -30,8 +30,8 @@ position + 1, cache slot Tp + j - 1), draw token j. The loop stops after Tr toke
 The cache, tokens and log-probs are donated to the decode program and updated in place (the small [R] fields are
 not: donating them gave wrong lengths on an H200 with jax 0.11.2, most likely because constant-folded prefill
 outputs such as the all-ones lengths / stop_reason share a buffer); all lengths are arrays, so one compilation
-serves a (B, Tp, Tr, G) bucket. `impl='model'` decodes through the model's own cached __call__ instead (reference path; 3.2x slower per step
-for the 7B preset on an H200).
+serves a (B, Tp, Tr, G) bucket. `impl='model'` decodes through the model's own cached __call__ instead
+(reference path; 3.2x slower per step for the 7B preset on an H200).
 """
 from __future__ import annotations
 

@@ -128,7 +128,8 @@ def run_jax(args, preset: str, prompts, impl: str = 'layers'):
   wbytes = _decoder_weight_bytes(cfg)
   bound_bytes, kv_final = _bound(cfg, rows, tp, new, wbytes)
   bw = _bandwidth(dev.device_kind)
-  res = dict(impl='jax' if impl == 'layers' else 'jax-' + impl, preset=preset, device=dev.device_kind, prompts=prompts, G=G, rows=rows, prompt_len=tp,
+  res = dict(impl='jax' if impl == 'layers' else 'jax-' + impl, preset=preset, device=dev.device_kind,
+             prompts=prompts, G=G, rows=rows, prompt_len=tp,
              new_tokens=new, init_s=t_init, first_call_s=t_compile, prefill_s=t_pre, decode_s=t_dec,
              decode_tok_s=rows * (new - 1) / t_dec, total_s=t_pre + t_dec, new_tok_s=rows * new / (t_pre + t_dec),
              step_ms=1e3 * t_dec / (new - 1), peak_gib=stats.get('peak_bytes_in_use', 0) / 2 ** 30,
