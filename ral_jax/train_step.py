@@ -148,7 +148,7 @@ def _guarded_apply(state: TrainState, tx, loss, grads, metrics):
   ok = jnp.isfinite(loss) & all_finite(grads)
   new = state.apply_gradients(grads, tx)
   state = select_tree(ok, new, state)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads), skipped=1.0 - ok.astype(jnp.float32))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), skipped=1.0 - ok.astype(jnp.float32))
   return state, metrics
 
 

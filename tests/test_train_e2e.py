@@ -56,10 +56,22 @@ def _run_presets(out_dir: str, presets):
     # 'ral' has exactly the programs of the resume test (rl_steps=4 sets the LR horizon), so it also warms the
     # compilation cache for it: XLA:CPU executables loaded from the cache can differ from fresh compiles in the
     # last bits, and the resume test compares runs bit for bit.
-    over = {'sft': {'train.sft_steps': 3}, 'ral': {'train.rl_steps': 4}}.get(algo if task == 'video' else '', {})
+    over = {'sft': {'train.sft_steps': 3, 'train.export_hf': True},
+            'ral': {'train.rl_steps': 4},
+            # the student starts from the SFT run's HF export (the trainer's HF import path)
+            'distill': {'model.hf_checkpoint': os.path.join(out_dir, 'sft', 'hf_export'), 'model.dtype': 'float32',
+                        'model.remat_policy': 'none'}}.get(algo if task == 'video' else '', {})
     final = train.run(_tiny(algo, task, **over), wd)
     rows = [json.loads(line) for line in open(os.path.join(wd, 'metrics.jsonl'))]
-    results[name] = {'final': final, 'rows': rows}
+    export = os.path.join(wd, 'hf_export')
+    results[name] = {'final': final, 'rows': rows, 'export': sorted(os.listdir(export)) if os.path.isdir(export) else []}
+    if os.path.isdir(export):   # the export reads back (models.hf_io) to the last checkpoint's parameters
+      import jax
+      from ral_jax.models import hf_io
+      _, loaded = hf_io.load_hf(export)
+      _, saved = _final_params(wd)
+      got = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+      results[name]['export_max_diff'] = max(float(np.max(np.abs(got[k] - saved["['params']" + k]))) for k in got)
   with open(os.path.join(out_dir, 'results.json'), 'w') as f:
     json.dump(results, f)
 
@@ -166,7 +178,7 @@ def _spawn(args, cache_dir, timeout=400, check=True):
   return p
 
 
-PRESETS = ['ral', 'grpo', 'ral_zero', 'sft', 'distill', 'ral:image']
+PRESETS = ['ral', 'grpo', 'ral_zero', 'sft', 'distill', 'ral:image']   # 'distill' starts from the 'sft' export
 
 
 @pytest.fixture(scope='session')
@@ -231,6 +243,12 @@ def test_ral_zero_uses_answer_only_format(preset_runs):
 def test_distill_has_token_and_attention_distillation(preset_runs):
   for r in _stage_rows(preset_runs, 'distill', 'rl'):
     assert r['kd/loss'] > 0 and r['attn_distill/loss'] > 0 and 'ral/loss' not in r
+
+
+def test_sft_run_exports_an_hf_checkpoint(preset_runs):
+  files = preset_runs['sft']['export']
+  assert 'config.json' in files and 'model.safetensors' in files and 'tokenizer.json' in files
+  assert preset_runs['sft']['export_max_diff'] == 0.0
 
 
 def test_sft_loss_decreases(preset_runs):

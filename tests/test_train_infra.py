@@ -133,3 +133,14 @@ def test_split_rows_is_strided_and_invertible():
   s = train_step.split_rows(x, 3)
   np.testing.assert_array_equal(s[1], x[1::3])
   np.testing.assert_array_equal(train_step.merge_rows(s), x)
+
+
+def test_sigterm_sets_the_preemption_flag():
+  import signal
+  guard = ckpt.PreemptionGuard()
+  try:
+    assert not guard.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.requested
+  finally:
+    guard.close()
