@@ -93,5 +93,5 @@ def snapshot(ctx, params, batch: Dict, out_dir: str, tag: str, step: Optional[in
   with open(os.path.join(out_dir, f'{tag}_answers.txt'), 'w', encoding='utf-8') as f:
     for b in examples:
       f.write(f"ex{b} id={batch['id'][b] if 'id' in batch else b} answer={batch['answer'][b]!s}\n"
-              f"  response: {res['texts'][b]!r}\n")
+              f"  response: {str(res['texts'][b])!r}\n")
   return paths
