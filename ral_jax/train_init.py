@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
