@@ -144,3 +144,19 @@ def test_sigterm_sets_the_preemption_flag():
     assert guard.requested
   finally:
     guard.close()
+
+
+def test_optimizer_state_is_sharded_like_the_parameters():
+  """Adam's moments live on their parameter's sharding (fsdp), not replicated; scalars are replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from ral_jax import sharding
+  from ral_jax.train_init import create_state
+  mesh = sharding.make_mesh((1, 4, 1))
+  fsdp = NamedSharding(mesh, P('fsdp'))
+  params = jax.tree.map(lambda x: jax.device_put(jnp.zeros((8,) + x.shape[1:]), fsdp), _params())
+  tx = optim.make_optimizer(OptimConfig(lr=0.1, warmup_steps=0, grad_clip=1.0))
+  state = create_state(params, tx, seed=0)
+  specs = [x.sharding.spec for x in jax.tree.leaves(state.opt_state) if x.ndim == 2 and x.shape[0] == 8]
+  assert len(specs) >= 4, specs   # mu and nu of model.w and lm_head.kernel
+  assert all(spec == P('fsdp') for spec in specs), specs
+  assert state.rng.sharding.spec == P() and state.step.sharding.spec == P()
