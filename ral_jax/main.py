@@ -26,6 +26,14 @@ def _multihost() -> bool:
   return bool(os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get('COORDINATOR_ADDRESS'))
 
 
+def _explicit_process_args() -> dict:
+  """Plain env-var launches (launch/gpu_multi_host.sh) name the process count and index; TPU pods and SLURM are
+  auto-detected by jax.distributed.initialize() and need none."""
+  names = (('coordinator_address', 'JAX_COORDINATOR_ADDRESS', str), ('num_processes', 'JAX_NUM_PROCESSES', int),
+           ('process_id', 'JAX_PROCESS_ID', int))
+  return {k: cast(os.environ[e]) for k, e, cast in names if os.environ.get(e)}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}: use --config.KEY=VALUE for overrides')
@@ -33,7 +41,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)   # the console shows the progress bar; pass --verbosity=0 for INFO
   import jax
   if _multihost():
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_explicit_process_args())
   if jax.process_index() != 0:
     logging.set_verbosity(logging.ERROR)     # logs and the progress bar on process 0 only
   config = _CONFIG.value

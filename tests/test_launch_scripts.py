@@ -117,3 +117,17 @@ def test_gpu_multi_host_env_vars_and_slurm():
   out = _run('gpu_multi_host.sh', '--dry-run', 'c.py', '/w', SLURM_JOB_ID='7', SLURM_PROCID='3')
   (cmd,) = _commands(out)
   assert 'JAX_' not in cmd and '# rank 3 log' in out.stdout
+
+
+def test_main_passes_plain_env_process_args_to_jax_distributed(monkeypatch):
+  """launch/gpu_multi_host.sh exports these three; main must hand them to jax.distributed.initialize."""
+  from ral_jax import main
+  for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    monkeypatch.delenv(k, raising=False)
+  assert main._explicit_process_args() == {}
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '10.0.0.1:1234')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '4')
+  monkeypatch.setenv('JAX_PROCESS_ID', '2')
+  assert main._multihost()
+  assert main._explicit_process_args() == {'coordinator_address': '10.0.0.1:1234', 'num_processes': 4,
+                                           'process_id': 2}
