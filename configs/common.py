@@ -136,6 +136,9 @@ def base_config() -> ConfigDict:
   c.train.eval_every = 0       # held-out accuracy every E outer steps (0 = only before and after)
   c.train.eval_examples = 64   # held-out examples (greedy decoding)
   c.train.eval_batch = 32
+  c.train.heatmap_every = 0    # attention heat maps of fixed held-out examples every E outer steps (0 = only
+                               # before and after training); PNGs in <workdir>/attention, TensorBoard images
+  c.train.heatmap_examples = 2 # held-out examples drawn (0 = no heat maps)
   c.train.export_hf = True     # write the final policy as an HF directory to <workdir>/hf_export
   c.train.stop_after = 0       # >0: stop (as if preempted) after this many outer steps; for tests
 
@@ -190,6 +193,7 @@ def apply_tiny(c: ConfigDict) -> ConfigDict:
   c.train.eval_examples = 4
   c.train.eval_batch = 4
   c.train.export_hf = False
+  c.train.heatmap_examples = 0
   c.checkpoint.every = 2
   c.checkpoint.async_save = False
   c.distill.teacher_preset = 'tiny'

@@ -72,6 +72,11 @@ class MetricsWriter:
         self._bar.set_description(stage, refresh=False)
       self._bar.update(n)
 
+  @property
+  def tb(self):
+    """The tensorboardX SummaryWriter (None off process 0 or when disabled), for image summaries."""
+    return self._tb
+
   def print(self, msg: str):
     """A console line that does not break the progress bar (process 0 only)."""
     if not self.enabled:

@@ -154,6 +154,8 @@ class LoopConfig:
   eval_every: int = 0
   eval_examples: int = 64
   eval_batch: int = 32
+  heatmap_every: int = 0
+  heatmap_examples: int = 2
   export_hf: bool = True
   stop_after: int = 0
   ckpt_every: int = 10
@@ -164,6 +166,8 @@ class LoopConfig:
     _check(self.sft_steps >= 0 and self.rl_steps >= 0, 'train.sft_steps and train.rl_steps must be >= 0')
     _check(self.sft_steps + self.rl_steps > 0, 'nothing to do: set train.sft_steps or train.rl_steps > 0')
     _check(self.ckpt_every >= 1 and self.ckpt_keep >= 1, 'checkpoint.every and checkpoint.keep must be >= 1')
+    _check(self.heatmap_every >= 0 and self.heatmap_examples >= 0,
+           'train.heatmap_every and train.heatmap_examples must be >= 0 (0 = off)')
 
   @property
   def total_steps(self) -> int:
@@ -245,6 +249,7 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
   loop = LoopConfig(
       sft_steps=t.sft_steps, rl_steps=t.rl_steps, sft_batch_size=config.sft.batch_size, log_every=t.log_every,
       eval_every=t.eval_every, eval_examples=t.eval_examples, eval_batch=t.eval_batch, export_hf=t.export_hf,
+      heatmap_every=t.heatmap_every, heatmap_examples=t.heatmap_examples,
       stop_after=t.stop_after, ckpt_every=ck.every, ckpt_keep=ck.keep, ckpt_async=ck.async_save)
   common = dict(schedule=o.schedule, warmup_steps=o.warmup_steps, end_lr_ratio=o.end_lr_ratio,
                 weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip,

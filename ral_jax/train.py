@@ -130,6 +130,16 @@ class Trainer:
       return {}
     return stages.evaluate(self.ctx, params, self.eval_batches, jax.random.fold_in(self.base_rng, 10 ** 9 + outer))
 
+  def heatmaps(self, params, outer: int, tag: str, writer):
+    """Attention heat maps of the first held-out examples (ral_jax/eval/attention.py): PNGs + TensorBoard."""
+    n = self.run_cfg.loop.heatmap_examples
+    if not n or not self.eval_batches:
+      return
+    from ral_jax.eval import attention
+    rl = self.run_cfg.rl
+    attention.snapshot(self.ctx, params, self.eval_batches[0], os.path.join(self.workdir, 'attention'), tag,
+                       step=outer, examples=range(n), tb_writer=writer.tb, layer=rl.record_layers[0], rows=rl.rows)
+
   def run(self) -> Dict[str, float]:
     run = self.run_cfg
     total = run.loop.total_steps
@@ -146,6 +156,7 @@ class Trainer:
         writer.write(0, ev, stage='eval')
         _say(f'held-out accuracy before training: {ev["eval/accuracy"]:.3f} '
              f'(format {ev["eval/format"]:.3f}, {int(ev["eval/examples"])} examples, greedy)', writer)
+        self.heatmaps(state.params, 0, 'step0_before', writer)
       last = {}
       t_prev = time.perf_counter()
       for outer in range(done + 1, total + 1):
@@ -171,6 +182,8 @@ class Trainer:
         m['time/step_wall'], t_prev = now - t_prev, now
         if run.loop.eval_every and outer % run.loop.eval_every == 0 and outer < total:
           m.update(self.evaluate(state.params, outer))
+        if run.loop.heatmap_every and outer % run.loop.heatmap_every == 0 and outer < total:
+          self.heatmaps(state.params, outer, f'step{outer}', writer)
         if outer % run.loop.log_every == 0 or outer == total:
           last = writer.write(outer, m, stage=stage)
         if float(m.get('skipped', 0.0)) > 0:
@@ -191,6 +204,7 @@ class Trainer:
         writer.write(total, ev, stage='eval')
         _say(f'held-out accuracy: before {extra.get("eval_before", float("nan")):.3f} -> after '
              f'{ev["eval/accuracy"]:.3f} (format {ev["eval/format"]:.3f})', writer)
+        self.heatmaps(state.params, total, f'step{total}_after', writer)
       self.ckpt.wait()
       if run.loop.export_hf:
         self.export(state.params, writer)

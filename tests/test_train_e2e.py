@@ -61,10 +61,14 @@ def _run_presets(out_dir: str, presets):
             # the student starts from the SFT run's HF export (the trainer's HF import path)
             'distill': {'model.hf_checkpoint': os.path.join(out_dir, 'sft', 'hf_export'), 'model.dtype': 'float32',
                         'model.remat_policy': 'none'}}.get(algo if task == 'video' else '', {})
+    if task == 'image':   # heat maps of one held-out example before and after training
+      over = {'train.heatmap_examples': 1}
     final = train.run(_tiny(algo, task, **over), wd)
     rows = [json.loads(line) for line in open(os.path.join(wd, 'metrics.jsonl'))]
     export = os.path.join(wd, 'hf_export')
     results[name] = {'final': final, 'rows': rows, 'export': sorted(os.listdir(export)) if os.path.isdir(export) else []}
+    att = os.path.join(wd, 'attention')
+    results[name]['attention'] = sorted(os.listdir(att)) if os.path.isdir(att) else []
     if os.path.isdir(export):   # the export reads back (models.hf_io) to the last checkpoint's parameters
       import jax
       from ral_jax.models import hf_io
@@ -249,6 +253,13 @@ def test_sft_run_exports_an_hf_checkpoint(preset_runs):
   files = preset_runs['sft']['export']
   assert 'config.json' in files and 'model.safetensors' in files and 'tokenizer.json' in files
   assert preset_runs['sft']['export_max_diff'] == 0.0
+
+
+def test_trainer_writes_attention_heatmaps_before_and_after(preset_runs):
+  files = preset_runs['ral:image']['attention']
+  assert any(f.startswith('step0_before_ex0') and f.endswith('.png') for f in files), files
+  assert any(f.startswith('step4_after_ex0') and f.endswith('.png') for f in files), files
+  assert not preset_runs['ral']['attention'], 'heat maps are off in the tiny presets unless asked for'
 
 
 def test_sft_loss_decreases(preset_runs):
