@@ -8,7 +8,7 @@ Parameters are stored in `param_dtype`; matmuls run in `dtype` (the compute dtyp
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -71,18 +71,27 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-  """down(silu(gate(x)) * up(x)), no biases (Qwen2 decoder MLP). Kernels gate/up [D, F], down [F, D]."""
+  """down(silu(gate(x)) * up(x)). Kernels gate/up [D, F], down [F, D].
+
+  The Qwen2 decoder MLP has no biases and logical axes ('embed', 'mlp'); the vision tower's has biases and
+  ('vision_embed', 'vision_mlp') and no activation constraint (`activation_axes=None`)."""
   intermediate_size: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  use_bias: bool = False
+  axes: Tuple[str, str] = ('embed', 'mlp')
+  activation_axes: Optional[Tuple[str, ...]] = ('activation_batch', 'activation_length', 'activation_mlp')
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate = DenseGeneral((self.intermediate_size,), ('embed',), ('mlp',), name='gate_proj', **kw)(x)
-    up = DenseGeneral((self.intermediate_size,), ('embed',), ('mlp',), name='up_proj', **kw)(x)
-    h = nn.with_logical_constraint(nn.silu(gate) * up, ('activation_batch', 'activation_length', 'activation_mlp'))
-    return DenseGeneral((x.shape[-1],), ('mlp',), ('embed',), name='down_proj', **kw)(h)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
+    d_ax, f_ax = self.axes
+    gate = DenseGeneral((self.intermediate_size,), (d_ax,), (f_ax,), name='gate_proj', **kw)(x)
+    up = DenseGeneral((self.intermediate_size,), (d_ax,), (f_ax,), name='up_proj', **kw)(x)
+    h = nn.silu(gate) * up
+    if self.activation_axes is not None:
+      h = nn.with_logical_constraint(h, self.activation_axes)
+    return DenseGeneral((x.shape[-1],), (f_ax,), (d_ax,), name='down_proj', **kw)(h)
 
 
 class Embed(nn.Module):

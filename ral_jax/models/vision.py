@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ral_jax.models.config import VisionConfig
-from ral_jax.models.layers import DenseGeneral, RMSNorm
+from ral_jax.models.layers import DenseGeneral, GatedMLP, RMSNorm
 from ral_jax.models.rope import apply_rope
 
 Dtype = Any
@@ -108,21 +108,6 @@ class VisionAttention(nn.Module):
     return DenseGeneral((v.hidden_size,), ('vision_heads', 'head_dim'), ('vision_embed',), name='proj', **kw)(o)
 
 
-class VisionMLP(nn.Module):
-  """down(silu(gate(x)) * up(x)) with biases."""
-  cfg: VisionConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True)
-    f = self.cfg.intermediate_size
-    gate = DenseGeneral((f,), ('vision_embed',), ('vision_mlp',), name='gate_proj', **kw)(x)
-    up = DenseGeneral((f,), ('vision_embed',), ('vision_mlp',), name='up_proj', **kw)(x)
-    return DenseGeneral((x.shape[-1],), ('vision_mlp',), ('vision_embed',), name='down_proj', **kw)(nn.silu(gate) * up)
-
-
 class VisionBlock(nn.Module):
   cfg: VisionConfig
   dtype: Dtype = jnp.float32
@@ -136,7 +121,9 @@ class VisionBlock(nn.Module):
     eps = self.cfg.rms_norm_eps
     x = x + VisionAttention(self.cfg, self.dtype, self.param_dtype, self.attention_impl, self.q_block, name='attn')(
         RMSNorm(eps, name='norm1', **kw)(x), cos, sin, index, segment, inverse)
-    return x + VisionMLP(self.cfg, name='mlp', **kw)(RMSNorm(eps, name='norm2', **kw)(x))
+    mlp = GatedMLP(self.cfg.intermediate_size, use_bias=True, axes=('vision_embed', 'vision_mlp'),
+                   activation_axes=None, name='mlp', **kw)
+    return x + mlp(RMSNorm(eps, name='norm2', **kw)(x))
 
 
 class PatchMerger(nn.Module):
