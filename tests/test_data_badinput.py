@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _media_fixtures import write_audio_only
 from ral_jax.data import pipeline, processor, records, synthetic
 from ral_jax.data.badinput import BadInputCounter, DataError
 from ral_jax.models.config import get_preset
@@ -19,20 +20,6 @@ def _write_jsonl(path, lines):
   return str(path)
 
 
-def _audio_only(path):
-  import av
-  with av.open(str(path), 'w') as c:
-    s = c.add_stream('aac', rate=16000)
-    fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format='fltp', layout='mono')
-    fr.sample_rate = 16000
-    for _ in range(3):
-      fr.pts = None
-      for pkt in s.encode(fr):
-        c.mux(pkt)
-    for pkt in s.encode():
-      c.mux(pkt)
-
-
 @pytest.fixture()
 def messy(tmp_path):
   rng = np.random.default_rng(0)
@@ -40,7 +27,7 @@ def messy(tmp_path):
   Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(tmp_path / 'big.png')
   Image.fromarray(rng.integers(0, 256, (1, 300, 3), dtype=np.uint8)).save(tmp_path / 'sliver.png')
   (tmp_path / 'corrupt.png').write_bytes(rng.bytes(500))
-  _audio_only(tmp_path / 'audio.mp4')
+  write_audio_only(tmp_path / 'audio.mp4')
   base = {'question': 'What colour?', 'options': ['red', 'green'], 'answer': 'A',
           'target': '<think>red</think><answer>A</answer>', 'images': ['ok.png']}
   lines = [

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from _media_fixtures import write_audio_only
 from ral_jax.data import media, synthetic
 from ral_jax.data.badinput import BadRecord
 
@@ -62,18 +63,8 @@ def test_corrupt_media(tmp_path):
 
 
 def test_zero_frames_audio_only(tmp_path):
-  import av
   path = str(tmp_path / 'audio.mp4')
-  with av.open(path, 'w') as c:
-    s = c.add_stream('aac', rate=16000)
-    fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format='fltp', layout='mono')
-    fr.sample_rate = 16000
-    for _ in range(3):
-      fr.pts = None
-      for pkt in s.encode(fr):
-        c.mux(pkt)
-    for pkt in s.encode():
-      c.mux(pkt)
+  write_audio_only(path)
   with pytest.raises(BadRecord) as e:
     media.load_video(path, media.VideoConfig())
   assert e.value.reason == 'zero_frames'
