@@ -104,10 +104,13 @@ def compile_steps(config, target: Target, stages: Sequence[str] = ('sft', 'score
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from ral_jax import run_config, sharding, train_init, train_step as ts
+  from ral_jax import sharding
+  from ral_jax.train import config as run_config
+  from ral_jax.train import build as train_init
+  from ral_jax.train import step as ts
   from ral_jax.models.vision_inputs import build_vision_inputs_batch
   from ral_jax.rl.objective import RLBatch
-  from ral_jax.train_state import TrainState
+  from ral_jax.train.state import TrainState
 
   run = run_config.build(config, len(target.devices), warn=False)
   hf = config.model.hf_checkpoint

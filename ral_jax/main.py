@@ -47,7 +47,8 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/video.py')
-  from ral_jax import run_config, train
+  from ral_jax.train import config as run_config
+  from ral_jax.train import loop as train
   import sys
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
   import common

@@ -1,4 +1,4 @@
-"""Config presets and validation errors (configs/common.py, ral_jax/run_config.py)."""
+"""Config presets and validation errors (configs/common.py, ral_jax/train/config.py)."""
 import os
 import sys
 import warnings
@@ -10,7 +10,7 @@ import common  # noqa: E402
 import image  # noqa: E402
 import video  # noqa: E402
 
-from ral_jax import run_config as rc  # noqa: E402
+from ral_jax.train import config as rc  # noqa: E402
 
 PRESETS = ['', 'paper', 'grpo', 'ral', 'ral_zero', 'sft', 'distill',
            'tiny', 'tiny_grpo', 'tiny_ral', 'tiny_ral_zero', 'tiny_sft', 'tiny_distill']

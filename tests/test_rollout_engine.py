@@ -1,4 +1,4 @@
-"""Rollout engine (ral_jax/rollout.py) on the tiny preset in float32, against the full (no-cache) forward."""
+"""Rollout engine (ral_jax/rollout/engine.py) on the tiny preset in float32, against the full (no-cache) forward."""
 import functools
 
 import flax.linen as nn
@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ral_jax import rollout, sharding
+from ral_jax import sharding
+from ral_jax.rollout import engine as rollout
 from ral_jax.models import positions as positions_lib
 from ral_jax.models import vision_inputs
 from ral_jax.models.config import get_preset
 from ral_jax.models.vlm import Qwen25VL, init_params
 from ral_jax.rl.logprobs import token_logprobs
-from ral_jax.sampling import SamplingConfig
+from ral_jax.rollout.sampling import SamplingConfig
 
 CFG = get_preset('tiny')
 V = CFG.vision

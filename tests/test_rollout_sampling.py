@@ -1,10 +1,10 @@
-"""Token sampling: filters, log-prob convention, per-sample PRNG streams (ral_jax/sampling.py)."""
+"""Token sampling: filters, log-prob convention, per-sample PRNG streams (ral_jax/rollout/sampling.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ral_jax import sampling as S
+from ral_jax.rollout import sampling as S
 
 
 def _logits(probs):

@@ -48,7 +48,7 @@ def _register_test_reward():
 
 
 def _run_presets(out_dir: str, presets):
-  from ral_jax import train
+  from ral_jax.train import loop as train
   results = {}
   for name in presets:
     algo, task = (name.split(':') + ['video'])[:2]
@@ -83,7 +83,7 @@ def _run_presets(out_dir: str, presets):
 def _run_resume(workdir: str, kill_after: int):
   """6 outer steps (2 SFT + 4 RL), a checkpoint every step; with kill_after > 0 the process SIGKILLs itself right
   after that step's checkpoint is committed."""
-  from ral_jax import train
+  from ral_jax.train import loop as train
   c = _tiny('ral', **{'train.rl_steps': 4, 'checkpoint.every': 1, 'checkpoint.keep': 10,
                       'checkpoint.async_save': True, 'train.eval_examples': 0})
   if kill_after:
@@ -99,9 +99,11 @@ def _run_resume(workdir: str, kill_after: int):
 def _run_mesh(out: str):
   """One RL update (2 mini-batches, RAL on) on a 1-device mesh and on a (2, 4, 1) mesh; saves params + metrics."""
   import jax
-  from ral_jax import run_config, sharding, train_init
+  from ral_jax import sharding
+  from ral_jax.train import config as run_config
+  from ral_jax.train import build as train_init
   from ral_jax.rl.objective import RLBatch
-  from ral_jax.train_step import ModelInputs
+  from ral_jax.train.step import ModelInputs
   c = _tiny('ral')
   c.rl.prompts_per_batch, c.rl.group_size = 4, 4      # 16 rows: 2 mini-batches of 8 over 8 batch shards
   c.train.sft_steps = 0
@@ -269,7 +271,7 @@ def test_sft_loss_decreases(preset_runs):
 
 def _final_params(workdir):
   import orbax.checkpoint as ocp
-  from ral_jax.checkpoint import Checkpointer
+  from ral_jax.train.checkpoint import Checkpointer
   ck = Checkpointer(str(workdir), 1, 10, False)
   step = ck.latest_step()
   path = os.path.join(ck.directory, str(step), 'state')

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ral_jax import checkpoint as ckpt
+from ral_jax.train import checkpoint as ckpt
 from ral_jax import metrics as metrics_lib
-from ral_jax import optim
-from ral_jax.run_config import OptimConfig
-from ral_jax.train_state import TrainState, all_finite
+from ral_jax.train import optim
+from ral_jax.train.config import OptimConfig
+from ral_jax.train.state import TrainState, all_finite
 
 
 def _params():
@@ -112,7 +112,7 @@ def test_metrics_writers(tmp_path):
 
 
 def test_non_finite_update_is_skipped():
-  from ral_jax import train_step
+  from ral_jax.train import step as train_step
   params = _params()
   tx = optim.make_optimizer(OptimConfig(lr=0.1))
   state = TrainState.create(params, tx, jax.random.PRNGKey(3))
@@ -128,7 +128,7 @@ def test_non_finite_update_is_skipped():
 
 
 def test_split_rows_is_strided_and_invertible():
-  from ral_jax import train_step
+  from ral_jax.train import step as train_step
   x = jnp.arange(12).reshape(6, 2)
   s = train_step.split_rows(x, 3)
   np.testing.assert_array_equal(s[1], x[1::3])
@@ -150,7 +150,7 @@ def test_optimizer_state_is_sharded_like_the_parameters():
   """Adam's moments live on their parameter's sharding (fsdp), not replicated; scalars are replicated."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   from ral_jax import sharding
-  from ral_jax.train_init import create_state
+  from ral_jax.train.build import create_state
   mesh = sharding.make_mesh((1, 4, 1))
   fsdp = NamedSharding(mesh, P('fsdp'))
   params = jax.tree.map(lambda x: jax.device_put(jnp.zeros((8,) + x.shape[1:]), fsdp), _params())

@@ -66,11 +66,11 @@ def run_jax(args, preset: str, prompts, impl: str = 'layers'):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from ral_jax import rollout
+  from ral_jax.rollout import engine as rollout
   from ral_jax.models.config import get_preset
   from ral_jax.models.positions import rope_index
   from ral_jax.models.vlm import init_params
-  from ral_jax.sampling import SamplingConfig
+  from ral_jax.rollout.sampling import SamplingConfig
 
   cfg = get_preset(preset, dtype='bfloat16', param_dtype='bfloat16')
   (gh, gw), nv, tp = _shapes(cfg, args)

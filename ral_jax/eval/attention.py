@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ral_jax import batches, rollout
+from ral_jax.train import inputs as batches
+from ral_jax.rollout import engine as rollout
 from ral_jax.eval import heatmaps
 from ral_jax.models.vlm import Qwen25VL
 from ral_jax.rl.attention_loss import record_rows

@@ -24,7 +24,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from ral_jax import batches, checkpoint as ckpt_lib, optim, run_config as rc, stages, train_data, train_init
+from ral_jax.train import inputs as batches
+from ral_jax.train import checkpoint as ckpt_lib
+from ral_jax.train import optim
+from ral_jax.train import config as rc
+from ral_jax.train import stages
+from ral_jax.train import data as train_data
+from ral_jax.train import build as train_init
 from ral_jax.data import pipeline as pipeline_lib
 from ral_jax.data import tokenizer as tokenizer_lib
 from ral_jax.eval import adapters, attention, report

@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ral_jax.train_state import all_finite
+from ral_jax.train.state import all_finite
 
 
 def _encode(state):

@@ -16,7 +16,7 @@ import numpy as np
 
 from ral_jax import sharding
 from ral_jax.models.positions import text_positions_after
-from ral_jax.train_step import ModelInputs
+from ral_jax.train.step import ModelInputs
 
 DEVICE_KEYS = ('prompt_ids', 'prompt_mask', 'positions', 'pixel_values', 'vision_meta', 'target_ids', 'target_mask')
 

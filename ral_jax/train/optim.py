@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ral_jax.run_config import OptimConfig
+from ral_jax.train.config import OptimConfig
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:

@@ -15,13 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ral_jax import batches, rollout, sharding
-from ral_jax import sampling as sampling_lib
+from ral_jax import sharding
+from ral_jax.train import inputs as batches
+from ral_jax.rollout import engine as rollout
+from ral_jax.rollout import sampling as sampling_lib
 from ral_jax.rl import advantages as adv_lib
 from ral_jax.rl import rewards as rewards_lib
 from ral_jax.rl.config import AdvantageConfig
 from ral_jax.rl.objective import RLBatch
-from ral_jax.train_step import encode_vision
+from ral_jax.train.step import encode_vision
 
 
 @dataclasses.dataclass

@@ -20,13 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ral_jax import optim, sharding, train_step as ts
+from ral_jax import sharding
+from ral_jax.train import optim
+from ral_jax.train import step as ts
 from ral_jax.models.config import ModelConfig, get_preset
 from ral_jax.models.vision_inputs import build_vision_inputs_batch
 from ral_jax.models.vlm import init_params
 from ral_jax.rl import config as rlc
-from ral_jax.run_config import RunConfig
-from ral_jax.train_state import TrainState
+from ral_jax.train.config import RunConfig
+from ral_jax.train.state import TrainState
 
 
 def model_config(mc, hf_checkpoint: str = '', preset: str = 'tiny') -> ModelConfig:

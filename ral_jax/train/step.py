@@ -33,7 +33,7 @@ from ral_jax.rl.attention_loss import record_rows
 from ral_jax.rl.config import ObjectiveConfig
 from ral_jax.rl.logprobs import response_slice, token_stats_from_hidden
 from ral_jax.rl.objective import RLBatch, loss_denominators, loss_from_hidden
-from ral_jax.train_state import TrainState, all_finite, select_tree
+from ral_jax.train.state import TrainState, all_finite, select_tree
 
 
 @flax.struct.dataclass

@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ral_jax import decode as decode_lib
-from ral_jax import sampling as sampling_lib
+from ral_jax.rollout import decode_step as decode_lib
+from ral_jax.rollout import sampling as sampling_lib
 from ral_jax.models.vlm import Qwen25VL, init_cache
 from ral_jax.models import positions as positions_lib
 
@@ -197,7 +197,7 @@ def _cast(params, dtype):
 def _programs(cfg, sampling, num_samples: int, mesh, rules, impl: str):
   """(weights, prefill, decode) jitted for one (model config, sampling config, G, mesh, decode impl) combination.
 
-  impl 'layers' (default): decode with ral_jax/decode.py (per-layer weights and caches, see there);
+  impl 'layers' (default): decode with ral_jax/rollout/decode_step.py (per-layer weights and caches, see there);
   impl 'model': decode through the model's cached __call__ (stacked cache; the reference path)."""
   if impl not in ('layers', 'model'):
     raise ValueError(f"decode impl {impl!r}: use 'layers' (fast) or 'model' (reference)")

@@ -19,7 +19,7 @@ from ral_jax.data import synthetic
 from ral_jax.data.media import VideoConfig
 from ral_jax.data.processor import ProcessorConfig
 from ral_jax.data.prompts import PromptConfig
-from ral_jax.run_config import synthetic_tasks
+from ral_jax.train.config import synthetic_tasks
 
 
 def ensure_synthetic(config, workdir: str) -> Tuple[str, str]:

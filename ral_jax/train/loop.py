@@ -14,12 +14,14 @@ from typing import Dict, Optional
 import jax
 from absl import logging
 
-from ral_jax import checkpoint as ckpt_lib
+from ral_jax.train import checkpoint as ckpt_lib
 from ral_jax import metrics as metrics_lib
-from ral_jax import run_config as rc
-from ral_jax import stages, train_data, train_init
+from ral_jax.train import config as rc
+from ral_jax.train import stages
+from ral_jax.train import data as train_data
+from ral_jax.train import build as train_init
 from ral_jax.data import tokenizer as tokenizer_lib
-from ral_jax.train_state import all_finite
+from ral_jax.train.state import all_finite
 
 
 class Preempted(Exception):
