@@ -170,3 +170,42 @@ def test_jsd_gradient_hand_values_and_numerical_check():
   p = jnp.array([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
   q = jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]])
   check_grads(jsd, (p, q), order=1, modes=['rev'], eps=1e-3, atol=1e-3, rtol=1e-3)
+
+
+def _jsd_float64(p, q):
+  """Reference: the textbook sum in float64 on the same float32 inputs (0 log 0 = 0)."""
+  p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+  m = 0.5 * (p + q)
+  t = lambda x: np.where(x > 0, x * np.log(np.where(x > 0, x / m, 1.0)), 0.0)
+  return 0.5 * np.sum(t(p), -1) + 0.5 * np.sum(t(q), -1)
+
+
+@pytest.mark.parametrize('eps', [3e-1, 3e-2, 3e-3, 3e-4, 1e-4, 3e-5])
+def test_jsd_float32_value_is_accurate_and_nonnegative_for_close_rows(eps):
+  """Close rows (JSD from ~1e-2 down to ~1e-10): relative error <= 1e-3 vs float64, never negative; the textbook
+  float32 form is off by orders of magnitude at the small end (checked to show the reference can tell)."""
+  rng = np.random.default_rng(7)
+  z = rng.normal(size=(4, 3, 97)) * 2.0
+  p = np.asarray(jax.nn.softmax(jnp.asarray(z, jnp.float32)))
+  q = np.array(jax.nn.softmax(jnp.asarray(z + eps * rng.normal(size=z.shape), jnp.float32)))
+  q[0, 0, :5] = 0.0                                   # exact zeros in one row stay finite and correct
+  q[0, 0] /= q[0, 0].sum()
+  ref, got = _jsd_float64(p, q), np.asarray(jsd(jnp.asarray(p), jnp.asarray(q)), np.float64)
+  assert np.all(got >= 0.0)
+  np.testing.assert_allclose(got, ref, rtol=1e-3, atol=0)
+  if eps <= 1e-4:
+    assert ref.min() < 1e-8
+    m = 0.5 * (p + q)
+    xlx = lambda x: np.where(x > 0, x * np.log(np.where(x > 0, x, 1)), 0).astype(np.float32)
+    naive = np.sum(0.5 * xlx(p) + 0.5 * xlx(q) - xlx(m), -1, dtype=np.float32)
+    assert np.max(np.abs(naive - ref) / ref) > 1e-2
+
+
+def test_jsd_gradient_matches_float64_formula():
+  rng = np.random.default_rng(3)
+  p = np.asarray(jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 11)), jnp.float32)))
+  q = np.asarray(jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 11)) * 1e-3, jnp.float32) + jnp.log(p)))
+  gp, gq = jax.grad(lambda a, b: jnp.sum(jsd(a, b)), argnums=(0, 1))(jnp.asarray(p), jnp.asarray(q))
+  m = 0.5 * (p.astype(np.float64) + q)
+  np.testing.assert_allclose(gp, 0.5 * np.log(p / m), rtol=1e-3, atol=1e-9)
+  np.testing.assert_allclose(gq, 0.5 * np.log(q / m), rtol=1e-3, atol=1e-9)
