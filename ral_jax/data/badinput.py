@@ -13,7 +13,8 @@ import threading
 from typing import Dict, Optional
 
 REASONS = ('malformed_record', 'missing_answer', 'missing_target', 'missing_media', 'corrupt_media',
-           'unsupported_media', 'zero_frames', 'prompt_over_budget', 'media_over_budget', 'target_over_budget')
+           'unsupported_media', 'zero_frames', 'prompt_over_budget', 'media_over_budget', 'target_over_budget',
+           'malformed_evidence')
 STAGES = ('parse', 'process')
 
 

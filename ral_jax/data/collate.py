@@ -8,6 +8,7 @@ only len(prompt_buckets) x len(patch_buckets) (x len(target_buckets)) shapes:
   grid_thw [B,M,3] int32, media_kind [B,M] int32, second_per_grid_t [B,M] f32 (M = max_media; zero rows = none)
   vision_meta: models.vision_inputs.build_vision_inputs of each example for P, stacked ([B, ...] int32 arrays)
   target_ids [B,Tr] int32 right-padded with the pad id; target_mask [B,Tr] int32   (only with targets)
+  evidence_mask [B,Tp] int32 left-padded with 0 (1 = visual token on the evidence); has_evidence [B] int32
   id, answer, problem_type, options, source: numpy unicode arrays [B]
 """
 from __future__ import annotations
@@ -82,6 +83,9 @@ class Collator:
       tr = pick_bucket(max(len(x['target_ids']) for x in items), self.target_buckets, 'target')
       batch['target_ids'] = _right_pad([x['target_ids'] for x in items], tr, self.pad_id)
       batch['target_mask'] = _right_pad([np.ones(len(x['target_ids'])) for x in items], tr, 0)
+    if 'evidence_mask' in items[0]:
+      batch['evidence_mask'] = _left_pad([x['evidence_mask'] for x in items], tp, 0)
+      batch['has_evidence'] = np.array([int(x['has_evidence']) for x in items], np.int32)
     for k in STRING_KEYS:
       batch[k] = np.array([str(x[k]) for x in items])
     return batch

@@ -6,16 +6,19 @@ Output dict (ok record):
   pixel_values [N,patch_dim] f32  all media patches, in media order (processor order inside each item)
   grid_thw [m,3] int32, media_kind [m] int32 (1 image, 2 video), second_per_grid_t [m] f32 (0 for images)
   target_ids [Lt] int32         (when DataConfig.with_targets) SFT response tokens + the end-of-turn token
+  evidence_mask [L] int32        1 at vision pad tokens whose merged token overlaps the record's evidence
+                                (data/evidence.py); all 0 without evidence.  has_evidence: int32 0/1
   id, answer, problem_type, options (JSON list), source: str
 A bad record gives {'bad_reason', 'bad_detail', 'id', 'source'} instead (pipeline counts and drops it).
 """
 from __future__ import annotations
 
 import json
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
+from ral_jax.data import evidence as evidence_lib
 from ral_jax.data import media, processor, prompts
 from ral_jax.data.badinput import BadRecord
 from ral_jax.data.records import Example
@@ -35,11 +38,12 @@ class ExampleProcessor:
     except BadRecord as e:
       return {'bad_reason': e.reason, 'bad_detail': e.detail, 'id': ex.id, 'source': ex.source}
 
-  def load_media(self, ex: Example):
+  def load_media(self, ex: Example, orig_sizes: Optional[list] = None):
+    """(patches, grid_thw, media_kind, second_per_grid_t); appends each item's original (H, W) to orig_sizes."""
     d = self.dcfg
     if len(ex.media) > d.max_media:
       raise BadRecord('media_over_budget', f'{len(ex.media)} media items, max_media is {d.max_media}', ex.id)
-    patches, grids, kinds, spgt = [], [], [], []
+    patches, grids, kinds, spgt, sizes = [], [], [], [], []
     for kind, path in ex.media:
       pixels, sample_fps = ((media.load_image(path)[None], 0.0) if kind == 'image' else
                             media.load_video(path, d.video))
@@ -53,11 +57,14 @@ class ExampleProcessor:
       grids.append(g)
       kinds.append(KIND_IDS[kind])
       spgt.append(sec)
+      sizes.append(pixels.shape[1:3])
     n = sum(len(p) for p in patches)
     if n > max(d.patch_buckets):
       raise BadRecord('media_over_budget', f'{n} patches > largest patch bucket {max(d.patch_buckets)}', ex.id)
     dim = d.processor.temporal_patch_size * d.processor.patch_size ** 2 * 3
     pixels = np.concatenate(patches) if patches else np.zeros((0, dim), np.float32)
+    if orig_sizes is not None:
+      orig_sizes.extend(sizes)
     return (pixels, np.asarray(grids, np.int32).reshape(-1, 3), np.asarray(kinds, np.int32),
             np.asarray(spgt, np.float32))
 
@@ -89,13 +96,24 @@ class ExampleProcessor:
 
   def process(self, ex: Example) -> Dict:
     from ral_jax.models.positions import rope_index
-    pixels, grids, kinds, spgt = self.load_media(ex)
+    sizes = []
+    pixels, grids, kinds, spgt = self.load_media(ex, sizes)
     ids = self.prompt_ids(ex, grids, kinds)
     out = {'prompt_ids': ids,
            'positions': rope_index(ids, np.ones_like(ids), grids, kinds, spgt, self.mcfg),
            'pixel_values': pixels, 'grid_thw': grids, 'media_kind': kinds, 'second_per_grid_t': spgt,
            'id': ex.id, 'answer': ex.answer, 'problem_type': ex.problem_type,
            'options': json.dumps(list(ex.options)), 'source': ex.source}
+    out.update(self.evidence(ex, ids, sizes, grids, spgt))
     if self.dcfg.with_targets:
       out['target_ids'] = self.target_ids(ex)
     return out
+
+  def evidence(self, ex: Example, ids, sizes, grids, spgt) -> Dict:
+    """{'evidence_mask' [L] int32 (1 = vision pad token on the evidence), 'has_evidence' int32 0/1}."""
+    if not ex.evidence:
+      return {'evidence_mask': np.zeros(len(ids), np.int32), 'has_evidence': np.int32(0)}
+    pc = self.dcfg.processor
+    tokens = evidence_lib.token_mask(ex.evidence, sizes, grids, spgt, pc.patch_size, pc.merge_size)
+    mask = evidence_lib.prompt_evidence_mask(ids, (self.enc.ids.image_pad, self.enc.ids.video_pad), tokens)
+    return {'evidence_mask': mask, 'has_evidence': np.int32(1)}

@@ -8,6 +8,7 @@ Two formats, picked by file extension:
   *.jsonl  one JSON object a line: {id, question, options (bare or lettered), answer, problem_type (default
            'multiple choice' with options, else 'free-form'), images: [paths] | image: path | video: path,
            target (optional SFT response)}.
+Both formats take an optional `evidence` list (data/evidence.py): [{media, box: [x0, y0, x1, y1], t: [s0, s1]}].
 Media paths are relative to `data_root` (default: the manifest's directory); absolute paths are kept.
 A malformed line / record or a missing answer is counted as bad (BadInputCounter) and skipped; an empty or
 unreadable manifest raises DataError naming the file.
@@ -21,6 +22,7 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 from ral_jax.data.badinput import BadInputCounter, BadRecord, DataError
+from ral_jax.data.evidence import parse_evidence
 
 _ANSWER_RE = re.compile(r'<answer>(.*?)</answer>', re.DOTALL)
 
@@ -36,6 +38,7 @@ class Example:
   target: Optional[str] = None          # SFT response text (without the end-of-turn token)
   source: str = ''                      # manifest file it came from
   data_source: str = ''
+  evidence: Tuple = ()                  # data.evidence.Evidence regions (optional manifest field "evidence")
 
 
 def _media_path(root: str, p: str) -> str:
@@ -54,7 +57,8 @@ def _video_r1(rec: dict, root: str, source: str) -> Example:
   target = f"{process.strip()}{m.group(0)}" if isinstance(process, str) and process.strip() else None
   return Example(rid, rec['problem'], tuple(str(o) for o in rec.get('options') or ()), m.group(1).strip(),
                  str(rec.get('problem_type') or 'free-form'), ((kind, _media_path(root, rec['path'])),),
-                 target, source, str(rec.get('data_source') or ''))
+                 target, source, str(rec.get('data_source') or ''),
+                 parse_evidence(rec.get('evidence'), (kind,), rid, source))
 
 
 def _jsonl(rec: dict, root: str, source: str, line: int) -> Example:
@@ -75,7 +79,8 @@ def _jsonl(rec: dict, root: str, source: str, line: int) -> Example:
   options = tuple(str(o) for o in rec.get('options') or ())
   ptype = rec.get('problem_type') or ('multiple choice' if options else 'free-form')
   return Example(rid, rec['question'], options, str(answer).strip(), ptype, tuple(media),
-                 rec.get('target'), source, str(rec.get('data_source', '')))
+                 rec.get('target'), source, str(rec.get('data_source', '')),
+                 parse_evidence(rec.get('evidence'), [k for k, _ in media], rid, source))
 
 
 def load_manifest(path: str, counter: BadInputCounter, data_root: Optional[str] = None) -> List[Example]:

@@ -9,6 +9,13 @@ whether it is right. Tasks (problem type):
   image 'count'     how many squares of one colour (1..4) among other-coloured ones (numerical)
   video 'flash'     which quarter of the video has the white flash (multiple choice, A-D)
   video 'motion'    direction the small square moves in (multiple choice, A-D)
+  image 'marked'    colour of the square inside the white frame, among squares of every colour (hard: the
+                    distractors carry every answer; only the frame tells them apart)
+  video 'blink'     in which quarter a small white square shows up for two frames, among static coloured
+                    squares (hard: small in space and in time)
+Every record carries `evidence` (data/evidence.py): the boxes (and, for video, time spans) that decide the answer.
+The `hard` level of the testbed (configs/common.py apply_testbed) uses 224 px images and 16-frame 112 px videos
+with many distractors, so the evidence is a few of 64 merged visual tokens per image / frame pair.
 Option lists are in a fixed order (the answer letter is a function of the content); `--shuffle-options` permutes them.
 Each example is generated from its own RNG seeded by (seed, split, task, index), so the splits are disjoint draws,
 deterministic, and independent of how many examples are asked for. Output in OUT:
@@ -29,7 +36,8 @@ import numpy as np
 
 IMAGE_TASKS = ('color', 'quadrant', 'count')
 VIDEO_TASKS = ('flash', 'motion')
-TASKS = IMAGE_TASKS + VIDEO_TASKS
+HARD_TASKS = ('marked', 'blink')     # added for the testbed (not in the 'image' / 'video' / 'mixed' families)
+TASKS = IMAGE_TASKS + VIDEO_TASKS + HARD_TASKS
 SPLITS = ('train', 'heldout')
 
 COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 220), 'yellow': (230, 210, 40)}
@@ -71,6 +79,12 @@ class Sample:
   problem_type: str
   think: str
   draw: Dict          # task-specific drawing parameters
+  evidence: List[Dict] = dataclasses.field(default_factory=list)   # manifest `evidence` (original pixels, s)
+
+
+def _box(pos, obj):
+  y, x = pos
+  return [int(x), int(y), int(x) + obj, int(y) + obj]
 
 
 def _place(rng, n, size, obj, region=None):
@@ -110,7 +124,8 @@ def make_sample(task: str, split: str, index: int, seed: int, knobs: Knobs) -> S
     return Sample(sid, task, 'image', 'What colour is the small coloured square in the image?', opts, letter,
                   'multiple choice', f'The coloured square is in the {where} part. It is {COLOUR_NAMES[c]}, '
                   f'so the answer is {letter}.',
-                  {'objects': [(pos[0], COLOURS[COLOUR_NAMES[c]])] + [(p, (g, g, g)) for p, g in zip(pos[1:], greys)]})
+                  {'objects': [(pos[0], COLOURS[COLOUR_NAMES[c]])] + [(p, (g, g, g)) for p, g in zip(pos[1:], greys)]},
+                  [{'media': 0, 'box': _box(pos[0], o)}])
   if task == 'quadrant':
     q = int(rng.integers(4))
     h = s // 2
@@ -123,7 +138,8 @@ def make_sample(task: str, split: str, index: int, seed: int, knobs: Knobs) -> S
     return Sample(sid, task, 'image', 'Which quadrant of the image contains the red square?', opts, letter,
                   'multiple choice', f'I look for the red square among {len(others) + 1} squares. It is in the '
                   f'{QUADRANTS[q]} quadrant, so the answer is {letter}.',
-                  {'objects': [(target, COLOURS['red'])] + list(zip(others, cols))})
+                  {'objects': [(target, COLOURS['red'])] + list(zip(others, cols))},
+                  [{'media': 0, 'box': _box(target, o)}])
   if task == 'count':
     c, n = int(rng.integers(4)), int(rng.integers(1, 5))
     pos = _place(rng, n + nd, s, o)
@@ -131,7 +147,19 @@ def make_sample(task: str, split: str, index: int, seed: int, knobs: Knobs) -> S
     name = COLOUR_NAMES[c]
     return Sample(sid, task, 'image', f'How many {name} squares are in the image?', [], str(n), 'numerical',
                   f'I count the {name} squares one by one. There are {n}.',
-                  {'objects': [(p, COLOURS[name]) for p in pos[:n]] + list(zip(pos[n:], other))})
+                  {'objects': [(p, COLOURS[name]) for p in pos[:n]] + list(zip(pos[n:], other))},
+                  [{'media': 0, 'box': _box(p, o)} for p in pos[:n]])
+  if task == 'marked':
+    c = int(rng.integers(4))
+    pos = _place(rng, 1 + nd, s, o + 4, (2, 2, s - 2, s - 2))
+    pos = [(y + 2, x + 2) for y, x in pos]
+    cols = [COLOURS[COLOUR_NAMES[c]]] + [COLOURS[COLOUR_NAMES[int(i)]] for i in rng.integers(4, size=nd)]
+    opts, letter = _options(rng, list(COLOUR_NAMES), c, knobs)
+    return Sample(sid, task, 'image', 'What colour is the square inside the white frame?', opts, letter,
+                  'multiple choice', f'Many squares have colours; only one has a white frame. Inside it the square '
+                  f'is {COLOUR_NAMES[c]}, so the answer is {letter}.',
+                  {'objects': list(zip(pos, cols)), 'frame': pos[0]},
+                  [{'media': 0, 'box': [pos[0][1] - 2, pos[0][0] - 2, pos[0][1] + o + 2, pos[0][0] + o + 2]}])
   vs, f = knobs.video_size, knobs.video_frames
   if task == 'flash':
     q = int(rng.integers(4))
@@ -141,7 +169,21 @@ def make_sample(task: str, split: str, index: int, seed: int, knobs: Knobs) -> S
     clutter = [(p, COLOURS[COLOUR_NAMES[int(i)]]) for p, i in zip(_place(rng, 2, vs, o // 2 + 2), rng.integers(4, size=2))]
     return Sample(sid, task, 'video', 'In which part of the video does the screen flash white?', opts, letter,
                   'multiple choice', f'The frames stay dark except for a bright white flash in the {QUARTERS[q]} '
-                  f'of the video, so the answer is {letter}.', {'flash': (start, start + 2), 'objects': clutter})
+                  f'of the video, so the answer is {letter}.', {'flash': (start, start + 2), 'objects': clutter},
+                  [{'media': 0, 'box': [0, 0, vs, vs], 't': [start / knobs.fps, (start + 2) / knobs.fps]}])
+  if task == 'blink':
+    q = int(rng.integers(4))
+    seg = f // 4
+    start = q * seg + 2 * int(rng.integers(seg // 2))
+    so = max(4, o // 2 + 2)
+    pos = _place(rng, 1 + nd, vs, so)
+    clutter = [(p, COLOURS[COLOUR_NAMES[int(i)]]) for p, i in zip(pos[1:], rng.integers(4, size=nd))]
+    opts, letter = _options(rng, list(QUARTERS), q, knobs)
+    return Sample(sid, task, 'video', 'In which part of the video does a small white square appear?', opts,
+                  letter, 'multiple choice', f'The coloured squares never change; a small white square shows up '
+                  f'briefly in the {QUARTERS[q]} of the video, so the answer is {letter}.',
+                  {'blink': (start, start + 2), 'white': pos[0], 'objects': clutter, 'size': so},
+                  [{'media': 0, 'box': _box(pos[0], so), 't': [start / knobs.fps, (start + 2) / knobs.fps]}])
   if task == 'motion':
     d = int(rng.integers(4))
     obj = max(4, o // 2 + 2)
@@ -158,7 +200,9 @@ def make_sample(task: str, split: str, index: int, seed: int, knobs: Knobs) -> S
     return Sample(sid, task, 'video', 'In which direction does the small square move?', opts, letter,
                   'multiple choice', f'I follow the small square from the first frame to the last. It moves '
                   f'{DIRECTIONS[d]}, so the answer is {letter}.',
-                  {'track': track, 'size': obj, 'colour': COLOURS[COLOUR_NAMES[int(rng.integers(4))]]})
+                  {'track': track, 'size': obj, 'colour': COLOURS[COLOUR_NAMES[int(rng.integers(4))]]},
+                  [{'media': 0, 'box': _box(track[t], obj), 't': [t / knobs.fps, (t + 1) / knobs.fps]}
+                   for t in range(f)])
   raise ValueError(f'unknown synthetic task {task!r}; choose from {TASKS}')
 
 
@@ -176,10 +220,18 @@ def render(sample: Sample, knobs: Knobs) -> np.ndarray:
   """Pixels: uint8 [H,W,3] for an image, [F,H,W,3] for a video."""
   d = sample.draw
   if sample.kind == 'image':
-    return _draw(_canvas(knobs.image_size), d['objects'], knobs.object_size)
+    img = _canvas(knobs.image_size)
+    if 'frame' in d:
+      y, x = d['frame']
+      img[y - 2:y + knobs.object_size + 2, x - 2:x + knobs.object_size + 2] = 255
+    return _draw(img, d['objects'], knobs.object_size)
   frames = []
   for t in range(knobs.video_frames):
-    if sample.task == 'flash':
+    if sample.task == 'blink':
+      img = _draw(_canvas(knobs.video_size, 40), d['objects'], d['size'])
+      if d['blink'][0] <= t < d['blink'][1]:
+        img = _draw(img, [(d['white'], (255, 255, 255))], d['size'])
+    elif sample.task == 'flash':
       img = _draw(_canvas(knobs.video_size, 40), d['objects'], knobs.object_size // 2 + 2)
       if d['flash'][0] <= t < d['flash'][1]:
         img[:] = 245
@@ -231,7 +283,7 @@ def write_split(out: str, split: str, tasks, num: int, seed: int, knobs: Knobs) 
     else:
       write_video(os.path.join(out, rel), pixels, knobs.fps)
     row = {'id': s.id, 'question': s.problem, 'options': s.options, 'answer': s.answer,
-           'problem_type': s.problem_type, 'target': target_text(s), 'task': s.task}
+           'problem_type': s.problem_type, 'target': target_text(s), 'task': s.task, 'evidence': s.evidence}
     row['images' if s.kind == 'image' else 'video'] = [rel] if s.kind == 'image' else rel
     rows.append(row)
   with open(os.path.join(out, f'{split}.jsonl'), 'w') as f:
@@ -248,13 +300,14 @@ def to_video_r1(row: Dict) -> Dict:
   return {'problem_id': row['id'], 'problem': row['question'], 'data_type': kind,
           'problem_type': row['problem_type'], 'options': opts, 'process': row['target'][:think_end],
           'solution': f"<answer>{row['answer']}</answer>",
-          'path': './' + (row['images'][0] if kind == 'image' else row['video']), 'data_source': 'synthetic'}
+          'path': './' + (row['images'][0] if kind == 'image' else row['video']), 'data_source': 'synthetic',
+          'evidence': row.get('evidence', [])}
 
 
 def text_corpus(num_per_task: int = 200, seed: int = 0) -> Iterator[str]:
   """The synthetic tasks' texts (questions, options, targets), for training the embedded tokenizer."""
   knobs = Knobs()
-  for task in TASKS:
+  for task in IMAGE_TASKS + VIDEO_TASKS:   # the corpus the embedded tokenizer was built from (byte-level BPE)
     for split in SPLITS:
       for i in range(num_per_task):
         s = make_sample(task, split, i, seed, knobs)

@@ -18,6 +18,7 @@ from ral_jax.rl.aggregation import aggregation_denominator
 from ral_jax.rl.attention_loss import attention_distill_loss, ral_loss, visual_mass
 from ral_jax.rl.config import ObjectiveConfig
 from ral_jax.rl.distill import token_distill_loss
+from ral_jax.rl.evidence import evidence_mass
 from ral_jax.rl.logprobs import TokenStats, token_stats_from_hidden
 from ral_jax.rl.policy_loss import grpo_loss
 
@@ -43,6 +44,8 @@ class RLBatch:
   key_mask: Optional[jnp.ndarray] = None
   visual_key_mask: Optional[jnp.ndarray] = None
   teacher_policy: Optional[jnp.ndarray] = None
+  evidence_key_mask: Optional[jnp.ndarray] = None   # [B,S] 1 = visual key on the record's evidence (rl/evidence.py)
+  has_evidence: Optional[jnp.ndarray] = None        # [B] 1 = the sequence's record has evidence
 
 
 def loss_denominators(cfg: ObjectiveConfig, response_mask) -> Dict[str, jnp.ndarray]:
@@ -62,7 +65,8 @@ def total_loss(cfg: ObjectiveConfig, batch: RLBatch, stats: TokenStats, policy: 
   denominators: None = each term normalises by this batch; or loss_denominators(cfg, mini-batch mask) for exact
   micro-batch accumulation by summation (the metrics stay per-micro-batch means).
   Raises (at trace time) when a term with a positive weight lacks its inputs. Metrics: the union of the terms'
-  metrics, 'loss', and 'attn/visual_mass' of the current rows when a visual key mask is given.
+  metrics, 'loss', and 'attn/visual_mass' of the current rows when a visual key mask is given; with an evidence
+  key mask also 'attn/evidence_mass' (current rows) and 'attn/evidence_mass_old' (p_old), rl/evidence.py.
   """
   mask = batch.response_mask
   max_len = cfg.grpo.max_response_length
@@ -96,6 +100,10 @@ def total_loss(cfg: ObjectiveConfig, batch: RLBatch, stats: TokenStats, policy: 
     metrics.update(m_ad)
   if policy is not None and batch.visual_key_mask is not None:
     metrics['attn/visual_mass'] = visual_mass(policy, mask, batch.visual_key_mask)
+  if batch.evidence_key_mask is not None and batch.visual_key_mask is not None:
+    for name, pol in (('attn/evidence_mass', policy), ('attn/evidence_mass_old', batch.old_policy)):
+      if pol is not None:
+        metrics[name] = evidence_mass(pol, mask, batch.visual_key_mask, batch.evidence_key_mask, batch.has_evidence)
   metrics['loss'] = loss
   return loss, metrics
 

@@ -298,7 +298,7 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
 def synthetic_tasks(task: str) -> Tuple[str, ...]:
   """data.task -> the synthetic task names (data/synthetic.py)."""
   from ral_jax.data.synthetic import IMAGE_TASKS, TASKS, VIDEO_TASKS
-  fam = {'video': VIDEO_TASKS, 'image': IMAGE_TASKS, 'mixed': TASKS}
+  fam = {'video': VIDEO_TASKS, 'image': IMAGE_TASKS, 'mixed': IMAGE_TASKS + VIDEO_TASKS}
   if task in fam:
     return tuple(fam[task])
   names = tuple(t.strip() for t in task.split(',') if t.strip())

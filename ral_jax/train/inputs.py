@@ -18,7 +18,8 @@ from ral_jax import sharding
 from ral_jax.models.positions import text_positions_after
 from ral_jax.train.step import ModelInputs
 
-DEVICE_KEYS = ('prompt_ids', 'prompt_mask', 'positions', 'pixel_values', 'vision_meta', 'target_ids', 'target_mask')
+DEVICE_KEYS = ('prompt_ids', 'prompt_mask', 'positions', 'pixel_values', 'vision_meta', 'target_ids', 'target_mask',
+               'evidence_mask', 'has_evidence')
 
 
 def to_device(batch: Dict, mesh) -> Dict:

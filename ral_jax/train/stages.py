@@ -19,7 +19,9 @@ from ral_jax import sharding
 from ral_jax.train import inputs as batches
 from ral_jax.rollout import engine as rollout
 from ral_jax.rollout import sampling as sampling_lib
+from ral_jax.eval import evidence as eval_evidence
 from ral_jax.rl import advantages as adv_lib
+from ral_jax.rl import evidence as evidence_lib
 from ral_jax.rl import rewards as rewards_lib
 from ral_jax.rl.config import AdvantageConfig
 from ral_jax.rl.objective import RLBatch
@@ -121,7 +123,7 @@ def rl_step(ctx: Context, steps, state, ref_params, batch: Dict, rng):
       response_ids=out.tokens, response_mask=out.response_mask, advantages=adv, old_logprobs=old_lp,
       ref_logprobs=ref_lp, old_policy=old_pol, key_mask=x.attention_mask,
       visual_key_mask=batches.visual_key_mask(x.input_ids, cfg.image_token_id, cfg.video_token_id),
-      teacher_policy=teacher_policy)
+      teacher_policy=teacher_policy, **evidence_lib.batch_fields(dev, out.tokens.shape[1], G))
   # Sanity metric: sampler log-probs vs the training forward (same params, same temperature).
   mask = out.response_mask.astype(jnp.float32)
   lp_gap = jnp.sum(jnp.abs(out.logprobs - old_lp) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -152,17 +154,24 @@ def rl_step(ctx: Context, steps, state, ref_params, batch: Dict, rng):
 
 
 def evaluate(ctx: Context, params, eval_batches, rng) -> Dict[str, float]:
-  """Greedy held-out accuracy and format rate over a fixed list of data batches."""
+  """Greedy held-out accuracy and format rate over a fixed list of data batches; with evidence in the data also
+  'eval/evidence_mass' and 'eval/evidence_chance' (eval/evidence.py)."""
   acc, fmt, n = 0.0, 0.0, 0
+  ev = {'sum': 0.0, 'chance_sum': 0.0, 'n': 0.0}
   t0 = time.perf_counter()
   for batch in eval_batches:
     dev = batches.to_device(batch, ctx.mesh)
     vis = ctx.encode(params, ctx.model_cfg, dev)
     out = _rollout(ctx, params, dev, vis, rng, 1, greedy=True)
     _, _, per, _, _ = _texts_and_rewards(ctx, out, batch, 1)
+    for k, v in eval_evidence.heldout_evidence(ctx, params, dev, out, vis).items():
+      ev[k] += v
     acc += float(per['accuracy'].sum())
     fmt += float(per['format'].sum())
     n += len(per['accuracy'])
   n = max(n, 1)
-  return {'eval/accuracy': acc / n, 'eval/format': fmt / n, 'eval/examples': float(n),
-          'time/eval': time.perf_counter() - t0}
+  res = {'eval/accuracy': acc / n, 'eval/format': fmt / n, 'eval/examples': float(n),
+         'time/eval': time.perf_counter() - t0}
+  if ev['n']:
+    res.update({'eval/evidence_mass': ev['sum'] / ev['n'], 'eval/evidence_chance': ev['chance_sum'] / ev['n']})
+  return res
