@@ -11,6 +11,9 @@ Presets (the `arg` of `get_config`, e.g. `--config=configs/video.py:grpo`):
   sft       supervised fine-tuning only.              distill    GRPO + mu * GKD + gamma_attn * attention
             distillation from a frozen teacher (method.md s.5; Qwen2.5-VL-32B with `paper` sizes).
   tiny_X    the same recipe X on the tiny model with a few steps, for tests (e.g. `tiny_ral`, `tiny_distill`).
+  testbed_X the perception testbed (README 'What RAL does'): the `small` model (~16M), hard synthetic tasks with
+            distractors and evidence boxes (224 px images, 16-frame 112 px videos), answer-only responses;
+            minutes on one GPU (ral_jax.experiments.compare runs its arms).
 Overrides on the command line: `--config.rl.lambda_attn=5 --config.train.rl_steps=100`.
 """
 from ml_collections import ConfigDict
@@ -99,6 +102,10 @@ def base_config() -> ConfigDict:
   c.rl.format_weight = 0.1
   c.rl.format = 'think'        # 'think' (<think>..</think><answer>..</answer>) | 'answer_only' (RAL-zero)
   c.rl.logprob_chunk = 0       # >0: compute token log-probs in chunks of this many positions
+  c.rl.attn_divergence = 'jsd' # RAL divergence: 'jsd' (paper) | 'kl' = KL(p_theta || p_old) (open question)
+  c.rl.record_attention = False  # record the attention policy even when no loss term needs it (attn/* metrics,
+                               # e.g. attn/evidence_mass for GRPO runs)
+  c.rl.ral_grad_share = False  # log ral/grad_share = |grad of lambda_attn * L_RAL| / |grad of L| (extra backward)
 
   # ---- distillation (method.md s.5) ---------------------------------------------------------------------
   c.distill = ConfigDict()
@@ -252,6 +259,52 @@ def apply_embedded_default(c: ConfigDict) -> ConfigDict:
   return c
 
 
+def apply_testbed(c: ConfigDict) -> ConfigDict:
+  """The perception testbed: `small` model, hard tasks where the evidence is a few of many visual tokens (a
+  224 px image is 64 merged tokens, a 16-frame 112 px video 128), answer-only format (short responses, so RL
+  steps are cheap), every run records the attention policy so attn/evidence_mass is logged for every arm."""
+  c.model.preset = 'small'
+  c.data.task = 'marked,color,blink,flash'
+  c.data.num_train = 2048
+  c.data.num_eval = 256
+  c.data.image_size = 224
+  c.data.object_size = 12
+  c.data.num_distractors = 8
+  c.data.video_size = 112
+  c.data.video_frames = 16
+  c.data.fps = 2.0
+  c.data.max_frames = 16
+  c.data.min_frames = 4
+  c.data.image_min_pixels = c.data.image_max_pixels = 224 * 224
+  c.data.video_min_pixels = c.data.video_max_pixels = 112 * 112
+  c.data.prompt_buckets = (160, 224)
+  c.data.patch_buckets = (256, 512)
+  c.data.target_buckets = (16,)
+  c.sampling.max_new_tokens = 12
+  c.rl.format = 'answer_only'
+  c.rl.prompts_per_batch = 16
+  c.rl.group_size = 8
+  c.rl.num_minibatches = 4
+  c.rl.lr = 2e-5
+  c.rl.beta = 0.0
+  c.rl.record_attention = True
+  c.rl.ral_grad_share = True
+  c.sft.batch_size = 32
+  c.sft.lr = 1e-3
+  c.optim.warmup_steps = 5
+  c.optim.schedule = 'constant'
+  c.train.sft_steps = 60
+  c.train.rl_steps = 40
+  c.train.eval_every = 10
+  c.train.eval_examples = 256
+  c.train.eval_batch = 64
+  c.train.export_hf = False
+  c.train.heatmap_examples = 0
+  c.checkpoint.every = 1000
+  c.checkpoint.async_save = False
+  return c
+
+
 def get_config_for(task: str, arg: str = '') -> ConfigDict:
   """Builds the config of preset `arg` ('' | X | tiny_X | paper_X; X in ALGOS) for synthetic task family `task`."""
   c = base_config()
@@ -259,16 +312,20 @@ def get_config_for(task: str, arg: str = '') -> ConfigDict:
   arg = (arg or '').strip()
   tiny = arg.startswith('tiny')
   paper = arg.startswith('paper')
-  algo = arg.split('_', 1)[1] if (tiny or paper) and '_' in arg else ('' if tiny or paper else arg)
+  testbed = arg.startswith('testbed')
+  family = tiny or paper or testbed
+  algo = arg.split('_', 1)[1] if family and '_' in arg else ('' if family else arg)
   algo = algo or 'ral'
   if algo not in ALGOS:
-    raise ValueError(f'unknown preset {arg!r}; choose one of: "" (embedded default), paper, tiny, '
-                     f'{", ".join(ALGOS)}, tiny_<algo>, paper_<algo>')
+    raise ValueError(f'unknown preset {arg!r}; choose one of: "" (embedded default), paper, tiny, testbed, '
+                     f'{", ".join(ALGOS)}, tiny_<algo>, paper_<algo>, testbed_<algo>')
   c.algo = algo
   if tiny:
     apply_tiny(c)
   elif paper:
     apply_paper(c)
+  elif testbed:
+    apply_testbed(c)
   else:
     apply_embedded_default(c)
   return apply_algo(c, algo)

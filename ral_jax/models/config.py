@@ -157,6 +157,15 @@ PRESETS = {
                             fullatt_block_indexes=(1,), out_hidden_size=96),
         image_token_id=1021, video_token_id=1022, vision_start_token_id=1019, vision_end_token_id=1020,
         dtype='float32', remat_policy='none', record_chunk=16),
+    # The testbed model (configs/common.py apply_testbed): ~16M parameters, trains in minutes on one GPU and still
+    # runs (slowly) on a CPU; GQA 6 query / 2 KV heads, a 4-layer vision tower with windowed and full attention.
+    'small': ModelConfig(
+        vocab_size=1031, hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
+        num_key_value_heads=2, mrope_section=(8, 12, 12), max_position_embeddings=8192,
+        vision=VisionConfig(depth=4, hidden_size=192, intermediate_size=512, num_heads=4, window_size=112,
+                            fullatt_block_indexes=(1, 3), out_hidden_size=384),
+        image_token_id=1021, video_token_id=1022, vision_start_token_id=1019, vision_end_token_id=1020,
+        dtype='float32', remat_policy='none', record_chunk=64),
     'qwen2_5_vl_3b': ModelConfig(
         vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
         num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,

@@ -99,6 +99,29 @@ def _jsd_bwd(res, g):
 _jsd.defvjp(_jsd_fwd, _jsd_bwd)
 
 
+def kl(p, q, key_mask=None) -> jnp.ndarray:
+  """KL(P || Q) over the last axis in float32, as sum_i Q_i g(P_i / Q_i) with g(r) = r log r - r + 1 >= 0 (the
+  same value for normalised rows, but every term >= 0); keys with Q_i = 0 count 0 (attention rows from a softmax
+  are positive on every real key). Autodiff gradient: d/dP_i = log(P_i / Q_i). For the 'kl' divergence variant."""
+  chex.assert_equal_shape([p, q])
+  p, q = jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32)
+  if key_mask is not None:
+    km = as_mask(key_mask)
+    if p.ndim == 3 and km.shape == (p.shape[0], p.shape[2]):
+      km = km[:, None, :]
+    km = jnp.broadcast_to(km, p.shape)
+    p, q = jnp.where(km, p, 0.0), jnp.where(km, q, 0.0)
+  ok = q > 0
+  qs = jnp.where(ok, q, 1.0)
+  x = jnp.where(ok, (p - q) / qs, 0.0)                       # P/Q - 1
+  xs = jnp.where(x > -1.0, x, 0.0)
+  g = jnp.where(x > -1.0, (1.0 + xs) * jnp.log1p(xs) - xs, 1.0)   # g(0) = 1 at P_i = 0
+  return jnp.sum(jnp.where(ok, qs * g, 0.0), axis=-1)
+
+
+DIVERGENCES = {'jsd': jsd, 'kl': kl}
+
+
 def visual_mass(policy, row_mask, visual_key_mask) -> jnp.ndarray:
   """Mean over valid rows of sum_s p[b,r,s] * visual[b,s]: the share of attention on visual tokens."""
   vis = as_mask(visual_key_mask)[:, None, :]
@@ -121,16 +144,20 @@ def _prepare(policy, other, row_mask, key_mask):
 
 def ral_loss(policy, old_policy, advantages, row_mask, key_mask=None, aggregation: str = 'token_mean',
              max_len: Optional[int] = None, visual_key_mask=None,
-             denominator=None) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+             denominator=None, divergence: str = 'jsd') -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """L_RAL = aggregate(A_b * JSD(p_theta || p_old)) over valid rows. policy, old_policy [B,R,S]; advantages [B].
 
   Metrics 'ral/...': loss, jsd (mean over valid rows), jsd_max, jsd_pos_adv / jsd_neg_adv (mean over rows of
   sequences with A > 0 / A < 0; 0 when there are none), frac_rows_pos_adv / frac_rows_neg_adv, and with a visual key
   mask [B,S]: visual_mass (current rows) and visual_mass_old. denominator: see aggregation.aggregate.
+  divergence: 'jsd' (paper) or 'kl' = KL(p_theta || p_old) (an open-question variant; the metrics keep the
+  'ral/jsd' names and then hold the KL values).
   """
   chex.assert_shape(advantages, policy.shape[:1])
   policy, old_policy, rm = _prepare(policy, old_policy, row_mask, key_mask)
-  d = jsd(policy, old_policy, key_mask)                              # [B,R]
+  if divergence not in DIVERGENCES:
+    raise ValueError(f'divergence={divergence!r}; choose one of {sorted(DIVERGENCES)}')
+  d = DIVERGENCES[divergence](policy, old_policy, key_mask)          # [B,R]
   adv = jnp.asarray(advantages, jnp.float32)[:, None]
   loss = aggregate(adv * d, rm, aggregation, max_len, denominator)
   pos, neg = rm & (adv > 0), rm & (adv < 0)

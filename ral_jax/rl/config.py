@@ -15,6 +15,7 @@ ADVANTAGE_ESTIMATORS = ('grpo', 'drgrpo', 'rloo')                  # advantages.
 KL_ESTIMATORS = ('k1', 'k2', 'k3')                                 # policy_loss.py
 AGGREGATIONS = ('token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum', 'drgrpo')  # aggregation.py
 ROW_VARIANTS = ('response', 'producing')                           # attention_loss.record_rows
+ATTN_DIVERGENCES = ('jsd', 'kl')                                   # attention_loss.ral_loss
 KD_ESTIMATORS = ('full', 'sampled')                                # distill.py
 
 
@@ -96,8 +97,10 @@ class RALConfig:
   rows: str = 'response'
   aggregation: Optional[str] = None
   allow_single_update: bool = False
+  divergence: str = 'jsd'    # 'jsd' (paper) | 'kl': KL(p_theta || p_old), an open-question variant
 
   def __post_init__(self):
+    _choice('ral.divergence', self.divergence, ATTN_DIVERGENCES)
     if not self.lambda_attn >= 0:
       raise ValueError(f'ral.lambda_attn={self.lambda_attn} must be >= 0 (paper: 0.5, 1 or 5; 0 = plain GRPO)')
     _choice('ral.rows', self.rows, ROW_VARIANTS)

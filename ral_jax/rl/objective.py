@@ -79,7 +79,7 @@ def total_loss(cfg: ObjectiveConfig, batch: RLBatch, stats: TokenStats, policy: 
       raise ValueError('ral.lambda_attn > 0 needs the current attention policy and batch.old_policy [B,R,S]; '
                        'record the attention rows in both forwards or set ral.lambda_attn=0')
     l_ral, m_ral = ral_loss(policy, batch.old_policy, batch.advantages, mask, batch.key_mask, cfg.ral_aggregation,
-                            max_len, batch.visual_key_mask, den(cfg.ral_aggregation))
+                            max_len, batch.visual_key_mask, den(cfg.ral_aggregation), cfg.ral.divergence)
     loss = loss + cfg.ral.lambda_attn * l_ral
     metrics.update(m_ral)
   d = cfg.distill

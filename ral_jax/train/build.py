@@ -52,7 +52,7 @@ def objective_config(run: RunConfig, temperature: float) -> rlc.ObjectiveConfig:
                         dual_clip=r.dual_clip or None, beta=r.beta, kl_estimator=r.kl_estimator,
                         aggregation=r.aggregation)
   ral = rlc.RALConfig(lambda_attn=r.lambda_attn, rows=r.rows, aggregation=r.attn_aggregation,
-                      allow_single_update=True)
+                      allow_single_update=True, divergence=r.attn_divergence)
   distill = None
   if run.algo == 'distill':
     d = run.distill
@@ -100,14 +100,16 @@ class Steps:
 
 def step_config(run: RunConfig, cfg: ModelConfig, stage: str) -> ts.StepConfig:
   obj = objective_config(run, run.sampling.temperature if stage == 'rl' else 1.0)
-  record = stage == 'rl' and (run.rl.lambda_attn > 0 or (obj.distill is not None and obj.distill.gamma_attn > 0))
+  record = stage == 'rl' and (run.rl.lambda_attn > 0 or (obj.distill is not None and obj.distill.gamma_attn > 0)
+                              or run.rl.record_attention)
   layers = run.rl.record_layers
   if len(layers) != 1:
     raise ValueError(f'model.record_layers={layers}: the RL losses use one recorded layer; give one index')
   return ts.StepConfig(model_cfg=cfg, objective=obj, rows=run.rl.rows, record_layer=layers[0],
                        num_minibatches=run.rl.num_minibatches, epochs=run.rl.epochs,
                        micro_batches=run.rl.micro_batches, score_micro_batches=run.rl.num_minibatches,
-                       sft_micro_batches=run.sft_optim.micro_batches, record=record)
+                       sft_micro_batches=run.sft_optim.micro_batches, record=record,
+                       ral_grad_share=run.rl.ral_grad_share and run.rl.lambda_attn > 0)
 
 
 def make_steps(run: RunConfig, cfg: ModelConfig, stage: str, state_shardings, teacher_cfg=None) -> Steps:

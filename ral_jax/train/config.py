@@ -80,8 +80,12 @@ class RLConfig:
   format: str = 'think'
   logprob_chunk: int = 0
   record_layers: Tuple[int, ...] = (-1,)
+  attn_divergence: str = 'jsd'   # the RAL term's divergence: 'jsd' (paper) | 'kl' (KL(p_theta || p_old))
+  record_attention: bool = False  # record p_theta / p_old even when no loss needs them (attn/* metrics for GRPO)
+  ral_grad_share: bool = False   # log ral/grad_share = |grad lambda L_RAL| / |grad L| (one extra backward)
 
   def __post_init__(self):
+    _check(self.attn_divergence in ('jsd', 'kl'), f'rl.attn_divergence={self.attn_divergence!r}; use jsd or kl')
     _check(self.group_size >= 2, f'rl.group_size (G) = {self.group_size}: group advantages need G >= 2')
     _check(self.prompts_per_batch >= 1, 'rl.prompts_per_batch must be >= 1')
     _check(self.num_minibatches >= 1 and self.epochs >= 1, 'rl.num_minibatches and rl.epochs must be >= 1')
@@ -244,7 +248,8 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
       dual_clip=r.dual_clip, aggregation=r.aggregation, attn_aggregation=r.attn_aggregation or r.aggregation,
       rows=r.rows, advantage=r.advantage, adv_eps=r.adv_eps, reward=r.reward, accuracy_weight=r.accuracy_weight,
       format_weight=r.format_weight, format=r.format, logprob_chunk=r.logprob_chunk,
-      record_layers=tuple(config.model.record_layers))
+      record_layers=tuple(config.model.record_layers), attn_divergence=r.attn_divergence,
+      record_attention=bool(r.record_attention), ral_grad_share=bool(r.ral_grad_share))
   t, o, ck = config.train, config.optim, config.checkpoint
   loop = LoopConfig(
       sft_steps=t.sft_steps, rl_steps=t.rl_steps, sft_batch_size=config.sft.batch_size, log_every=t.log_every,

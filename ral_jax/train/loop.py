@@ -148,13 +148,15 @@ class Trainer:
     done, stage, state, ref, meta = self.restore_or_init()
     writer = metrics_lib.MetricsWriter(self.workdir, total, done)
     guard = ckpt_lib.PreemptionGuard()
-    extra = {k: meta[k] for k in ('eval_before',) if k in meta}
+    extra = {k: meta[k] for k in ('eval_before', 'eval_before_evidence_mass') if k in meta}
     try:
       if done:
         _say(f'resumed from {self.ckpt.directory} at step {done} ({stage})', writer)
       if 'eval_before' not in extra and self.eval_batches:
         ev = self.evaluate(state.params, 0)
         extra['eval_before'] = ev.get('eval/accuracy', 0.0)
+        if 'eval/evidence_mass' in ev:
+          extra['eval_before_evidence_mass'] = ev['eval/evidence_mass']
         writer.write(0, ev, stage='eval')
         _say(f'held-out accuracy before training: {ev["eval/accuracy"]:.3f} '
              f'(format {ev["eval/format"]:.3f}, {int(ev["eval/examples"])} examples, greedy)', writer)
@@ -206,11 +208,16 @@ class Trainer:
         writer.write(total, ev, stage='eval')
         _say(f'held-out accuracy: before {extra.get("eval_before", float("nan")):.3f} -> after '
              f'{ev["eval/accuracy"]:.3f} (format {ev["eval/format"]:.3f})', writer)
+        if 'eval/evidence_mass' in ev:
+          _say(f'held-out attention on the evidence (share of visual attention; uniform = '
+               f'{ev["eval/evidence_chance"]:.3f}): before {extra.get("eval_before_evidence_mass", float("nan")):.3f}'
+               f' -> after {ev["eval/evidence_mass"]:.3f}', writer)
         self.heatmaps(state.params, total, f'step{total}_after', writer)
       self.ckpt.wait()
       if run.loop.export_hf:
         self.export(state.params, writer)
-      return {**last, **ev, 'eval_before': extra.get('eval_before', float('nan'))}
+      return {**last, **ev, 'eval_before': extra.get('eval_before', float('nan')),
+              'eval_before_evidence_mass': extra.get('eval_before_evidence_mass', float('nan'))}
     finally:
       guard.close()
       writer.close()

@@ -72,6 +72,7 @@ class StepConfig:
   score_micro_batches: int = 1    # chunks of the scoring pass
   sft_micro_batches: int = 1
   record: bool = True             # the attention policy is needed (lambda_attn > 0 or attention distillation)
+  ral_grad_share: bool = False    # also log ral/grad_share (one extra backward of the RAL term alone)
 
   @property
   def model(self):
@@ -144,6 +145,14 @@ def _accumulate(loss_fn: Callable, params, micro, n_micro: int):
   return loss, grads, {k: v if k.endswith('loss') else v / n_micro for k, v in metrics.items()}
 
 
+def _ral_grad_share(loss_fn, params, micro, grads, lambda_attn: float):
+  """|grad(lambda_attn * L_RAL)| / |grad L| (global norms, before clipping) on the first micro-batch."""
+  first = jax.tree.map(lambda v: v[0], micro)
+  g_ral = jax.grad(lambda p: lambda_attn * loss_fn(p, first)[1]['ral/loss'])(params)
+  g_all = grads if jax.tree.leaves(micro)[0].shape[0] == 1 else jax.grad(lambda p: loss_fn(p, first)[0])(params)
+  return optax.tree.norm(g_ral) / jnp.maximum(optax.tree.norm(g_all), 1e-30)
+
+
 def _guarded_apply(state: TrainState, tx, loss, grads, metrics):
   ok = jnp.isfinite(loss) & all_finite(grads)
   new = state.apply_gradients(grads, tx)
@@ -170,6 +179,9 @@ def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBa
 
     micro = split_rows(mb, sc.micro_batches)
     loss, grads, metrics = _accumulate(loss_fn, st.params, micro, sc.micro_batches)
+    if sc.ral_grad_share:
+      metrics = dict(metrics, **{'ral/grad_share': _ral_grad_share(loss_fn, st.params, micro, grads,
+                                                                    obj.ral.lambda_attn)})
     return _guarded_apply(st, tx, loss, grads, dict(metrics, loss=loss))
 
   mbs = split_rows((x, batch, teacher_hidden), sc.num_minibatches)
