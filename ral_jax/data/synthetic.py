@@ -283,7 +283,8 @@ def write_split(out: str, split: str, tasks, num: int, seed: int, knobs: Knobs) 
     else:
       write_video(os.path.join(out, rel), pixels, knobs.fps)
     row = {'id': s.id, 'question': s.problem, 'options': s.options, 'answer': s.answer,
-           'problem_type': s.problem_type, 'target': target_text(s), 'task': s.task, 'evidence': s.evidence}
+           'problem_type': s.problem_type, 'target': target_text(s), 'task': s.task, 'data_source': s.task,
+           'evidence': s.evidence}
     row['images' if s.kind == 'image' else 'video'] = [rel] if s.kind == 'image' else rel
     rows.append(row)
   with open(os.path.join(out, f'{split}.jsonl'), 'w') as f:

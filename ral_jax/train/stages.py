@@ -155,9 +155,11 @@ def rl_step(ctx: Context, steps, state, ref_params, batch: Dict, rng):
 
 def evaluate(ctx: Context, params, eval_batches, rng) -> Dict[str, float]:
   """Greedy held-out accuracy and format rate over a fixed list of data batches; with evidence in the data also
-  'eval/evidence_mass' and 'eval/evidence_chance' (eval/evidence.py)."""
+  'eval/evidence_mass' and 'eval/evidence_chance' (eval/evidence.py), and 'eval/accuracy/<data_source>' per
+  record data_source (the synthetic tasks write their task name there) when any is set."""
   acc, fmt, n = 0.0, 0.0, 0
   ev = {'sum': 0.0, 'chance_sum': 0.0, 'n': 0.0}
+  by_source = {}   # data_source -> [correct, count]
   t0 = time.perf_counter()
   for batch in eval_batches:
     dev = batches.to_device(batch, ctx.mesh)
@@ -166,12 +168,17 @@ def evaluate(ctx: Context, params, eval_batches, rng) -> Dict[str, float]:
     _, _, per, _, _ = _texts_and_rewards(ctx, out, batch, 1)
     for k, v in eval_evidence.heldout_evidence(ctx, params, dev, out, vis).items():
       ev[k] += v
+    for src, a in zip(batch.get('data_source', ()), per['accuracy']):
+      c = by_source.setdefault(str(src), [0.0, 0])
+      c[0], c[1] = c[0] + float(a), c[1] + 1
     acc += float(per['accuracy'].sum())
     fmt += float(per['format'].sum())
     n += len(per['accuracy'])
   n = max(n, 1)
   res = {'eval/accuracy': acc / n, 'eval/format': fmt / n, 'eval/examples': float(n),
          'time/eval': time.perf_counter() - t0}
+  if len(by_source) > 1 or (by_source and '' not in by_source):
+    res.update({f'eval/accuracy/{s or "other"}': c / k for s, (c, k) in sorted(by_source.items())})
   if ev['n']:
     res.update({'eval/evidence_mass': ev['sum'] / ev['n'], 'eval/evidence_chance': ev['chance_sum'] / ev['n']})
   return res
