@@ -136,29 +136,35 @@ def run_comparison(config, arm_specs: str, seeds: int, out: str, train_manifest:
   return summary.write_all(out, records, [a.label for a in arms], sft_final, meta)
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'base config, e.g. configs/image.py:testbed_grpo',
-                                          lock_config=False)
-_ARMS = flags.DEFINE_string('arms', 'sft,grpo,ral:0.5,ral:1,ral:5', 'comma-separated arm specs (arms.py)')
-_SEEDS = flags.DEFINE_integer('seeds', 3, 'seeds per training arm')
-_TRAIN = flags.DEFINE_string('train_manifest', None, 'training manifest (Video-R1 JSON or JSONL)')
-_EVAL = flags.DEFINE_string('eval_manifest', None, 'held-out manifest')
-_ROOT = flags.DEFINE_string('data_root', '', 'media root for relative paths (default: each manifest\'s directory)')
-_OUT = flags.DEFINE_string('out', None, 'output folder (resumable)')
-_TITLE = flags.DEFINE_string('title', 'RAL vs GRPO at equal compute', 'title of results.md')
+def define_flags():
+  """The command-line flags (defined on demand, so that importing this module defines none)."""
+  return dict(
+      config=config_flags.DEFINE_config_file('config', None, 'base config, e.g. configs/image.py:testbed_grpo',
+                                             lock_config=False),
+      arms=flags.DEFINE_string('arms', 'sft,grpo,ral:0.5,ral:1,ral:5', 'comma-separated arm specs (arms.py)'),
+      seeds=flags.DEFINE_integer('seeds', 3, 'seeds per training arm'),
+      train=flags.DEFINE_string('train_manifest', None, 'training manifest (Video-R1 JSON or JSONL)'),
+      eval=flags.DEFINE_string('eval_manifest', None, 'held-out manifest'),
+      root=flags.DEFINE_string('data_root', '', "media root for relative paths (default: each manifest's directory)"),
+      out=flags.DEFINE_string('out', None, 'output folder (resumable)'),
+      title=flags.DEFINE_string('title', 'RAL vs GRPO at equal compute', 'title of results.md'))
 
 
-def main(argv):
+def main(argv, f):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   os.environ.setdefault('HF_HUB_OFFLINE', '1')
-  res = run_comparison(_CONFIG.value, _ARMS.value, _SEEDS.value, _OUT.value, _TRAIN.value, _EVAL.value, _ROOT.value,
+  out = f['out'].value
+  res = run_comparison(f['config'].value, f['arms'].value, f['seeds'].value, out, f['train'].value,
+                       f['eval'].value, f['root'].value,
                        command=' '.join(['python -m ral_jax.experiments.compare'] + sys.argv[1:]),
-                       title=_TITLE.value)
-  with open(os.path.join(_OUT.value, 'results.md')) as f:
-    print(f.read())
+                       title=f['title'].value)
+  with open(os.path.join(out, 'results.md')) as fh:
+    print(fh.read())
   return res
 
 
 if __name__ == '__main__':
+  _f = define_flags()
   flags.mark_flags_as_required(['config', 'train_manifest', 'eval_manifest', 'out'])
-  app.run(main)
+  app.run(lambda argv: main(argv, _f))
