@@ -277,10 +277,11 @@ def apply_testbed(c: ConfigDict) -> ConfigDict:
   c.data.min_frames = 4
   c.data.image_min_pixels = c.data.image_max_pixels = 224 * 224
   c.data.video_min_pixels = c.data.video_max_pixels = 112 * 112
-  c.data.prompt_buckets = (160, 224)
+  c.data.prompt_buckets = (208, 288)   # image prompts are ~194 tokens (64 visual), video ~267 (128 visual)
   c.data.patch_buckets = (256, 512)
-  c.data.target_buckets = (16,)
-  c.sampling.max_new_tokens = 12
+  c.data.target_buckets = (8,)         # '<answer>X</answer>' + end of turn = 7 tokens
+  c.data.read_threads = 8
+  c.sampling.max_new_tokens = 8
   c.rl.format = 'answer_only'
   c.rl.prompts_per_batch = 16
   c.rl.group_size = 8

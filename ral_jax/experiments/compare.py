@@ -8,7 +8,8 @@
 2. Every training arm x seed (arms.py) in DIR/runs/<arm>/seed<k>: RL from DIR/sft's parameters with the config's
    rollout budget (train.rl_steps x rl.prompts_per_batch x G) and updates; the seed changes the RL sampling, the
    data order and the optimizer state's RNG, never the starting point.
-3. DIR/results.json, DIR/results.md (mean ± 95% CI over seeds, per task) and curves (summary.py).
+3. DIR/results.json, DIR/results.md (mean ± 95% CI over seeds, per task) and curves (summary.py), rewritten
+   after every run (runs go seed by seed, so a comparison stopped early has balanced partial results).
 Resumable: a finished run (its result.json exists) is skipped; an interrupted one resumes from its checkpoint.
 Any Video-R1 JSON / JSONL manifest pair works; records with `evidence` add the attention-on-evidence numbers.
 Compiled programs are shared between runs through JAX's persistent compilation cache in DIR/.jax_cache.
@@ -125,15 +126,18 @@ def run_comparison(config, arm_specs: str, seeds: int, out: str, train_manifest:
   sft_final = sft['final']
   if any(a.algo == 'sft' for a in arms):
     records.append(dict(sft, arm=next(a.label for a in arms if a.algo == 'sft')))
-  for arm in (a for a in arms if a.trains):
-    for seed in range(seeds):
-      wd = os.path.join(out, 'runs', arm.dirname, f'seed{seed}')
-      cfg = arms_lib.apply_arm(base, arm, seed, os.path.join(out, 'sft'))
-      records.append(_train(cfg, wd, arm.label, seed))
   meta = {'title': title, 'command': command, 'environment': environment(), 'arms': arms_lib.describe(arms),
           'seeds': seeds, 'train_manifest': train_manifest, 'eval_manifest': eval_manifest,
           'config': json.loads(base.to_json_best_effort())}
-  return summary.write_all(out, records, [a.label for a in arms], sft_final, meta)
+  order = [a.label for a in arms]
+  results = summary.write_all(out, records, order, sft_final, meta)
+  for seed in range(seeds):          # seed-major: an interrupted comparison has balanced partial results
+    for arm in (a for a in arms if a.trains):
+      wd = os.path.join(out, 'runs', arm.dirname, f'seed{seed}')
+      cfg = arms_lib.apply_arm(base, arm, seed, os.path.join(out, 'sft'))
+      records.append(_train(cfg, wd, arm.label, seed))
+      results = summary.write_all(out, records, order, sft_final, meta)   # results so far after every run
+  return results
 
 
 def define_flags():
@@ -161,7 +165,7 @@ def main(argv, f):
                        title=f['title'].value)
   with open(os.path.join(out, 'results.md')) as fh:
     print(fh.read())
-  return res
+  del res
 
 
 if __name__ == '__main__':

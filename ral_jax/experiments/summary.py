@@ -84,41 +84,52 @@ def markdown_table(summary: Mapping[str, Mapping], arm_order: Sequence[str]) -> 
   return '\n'.join(lines) + '\n'
 
 
+def _panel(ax, records, arm_order, key, title) -> bool:
+  drawn = False
+  for arm in arm_order:
+    series = [dict((int(s), v) for s, v in r.get('curves', {}).get(key, [])) for r in records if r['arm'] == arm]
+    series = [s for s in series if s]
+    if not series:
+      continue
+    steps = sorted(set.intersection(*[set(s) for s in series]))
+    if not steps:
+      continue
+    vals = [[s[k] for s in series] for k in steps]
+    mean = [sum(v) / len(v) for v in vals]
+    ax.plot(steps, mean, marker='o' if len(steps) < 12 else None, ms=3, label=f'{arm} (n={len(series)})')
+    if len(series) > 1:
+      ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.15)
+    drawn = True
+  if drawn:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel('RL step (rollout batch)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  return drawn
+
+
 def plot_curves(records: Sequence[Mapping], arm_order: Sequence[str], out_dir: str) -> List[str]:
-  """One PNG per curve: mean over seeds per arm against the RL step (shaded: min..max over seeds)."""
+  """One PNG per curve and all of them in curves.png: mean over seeds per arm against the RL step (shaded:
+  min..max over seeds)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   paths = []
   for key, title in CURVES:
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    drawn = False
-    for arm in arm_order:
-      series = [dict((int(s), v) for s, v in r.get('curves', {}).get(key, [])) for r in records if r['arm'] == arm]
-      series = [s for s in series if s]
-      if not series:
-        continue
-      steps = sorted(set.intersection(*[set(s) for s in series]))
-      if not steps:
-        continue
-      vals = [[s[k] for s in series] for k in steps]
-      mean = [sum(v) / len(v) for v in vals]
-      ax.plot(steps, mean, marker='o' if len(steps) < 12 else None, ms=3, label=f'{arm} (n={len(series)})')
-      if len(series) > 1:
-        ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.15)
-      drawn = True
-    if not drawn:
-      plt.close(fig)
-      continue
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel('RL step (rollout batch)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out_dir, key.replace('/', '_') + '.png')
-    fig.savefig(path, dpi=110)
+    if _panel(ax, records, arm_order, key, title):
+      fig.tight_layout()
+      paths.append(os.path.join(out_dir, key.replace('/', '_') + '.png'))
+      fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    paths.append(path)
+  fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+  for ax, (key, title) in zip(axes.reshape(-1), CURVES):
+    if not _panel(ax, records, arm_order, key, title):
+      ax.axis('off')
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, 'curves.png'))
+  fig.savefig(paths[-1], dpi=100)
+  plt.close(fig)
   return paths
 
 
