@@ -201,6 +201,17 @@ def test_jsd_float32_value_is_accurate_and_nonnegative_for_close_rows(eps):
     assert np.max(np.abs(naive - ref) / ref) > 1e-2
 
 
+def test_jsd_gradient_finite_when_one_side_is_tiny():
+  """P_i << Q_i rounds (P - Q)/(P + Q) to -1 in float32; the gradient must stay 1/2 log(P/M), finite (a log1p(d)
+  form gave -inf here and NaN through a softmax: caught on the GPU testbed as skipped RAL updates)."""
+  p, q = jnp.array([1e-10, 0.5, 0.5 - 1e-10]), jnp.array([0.5, 0.25, 0.25])
+  g = jax.grad(lambda a: jsd(a, q))(p)
+  m = 0.5 * (np.asarray(p, np.float64) + np.asarray(q, np.float64))
+  np.testing.assert_allclose(g, 0.5 * np.log(np.asarray(p, np.float64) / m), rtol=1e-5)
+  gz = jax.grad(lambda z: jsd(jax.nn.softmax(z), jax.nn.softmax(jnp.zeros(3))))(jnp.array([-30., 0., 0.]))
+  assert np.all(np.isfinite(gz))
+
+
 def test_jsd_gradient_matches_float64_formula():
   rng = np.random.default_rng(3)
   p = np.asarray(jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 11)), jnp.float32)))

@@ -84,16 +84,24 @@ def _jsd_fwd(p, q):
   return _jsd(p, q), (p, q)
 
 
+def _half_log_ratio(x, y, d):
+  """1/2 log(x / ((x + y)/2)) for x > 0 (else 0), with d = (x - y)/(x + y): 1/2 log1p(d) where |d| <= 1/2 (no
+  cancellation when x ~ y), else 1/2 (log x - log m) (d rounds to -1 when x << y, where log1p(d) would be -inf)."""
+  m = 0.5 * (x + y)
+  near = jnp.abs(d) <= 0.5
+  small = 0.5 * jnp.log1p(jnp.where(near, d, 0.0))
+  far = 0.5 * (jnp.log(jnp.where(x > 0, x, 1.0)) - jnp.log(jnp.where(m > 0, m, 1.0)))
+  return jnp.where(x > 0, jnp.where(near, small, far), 0.0)
+
+
 def _jsd_bwd(res, g):
-  """d JSD / d P_i = 1/2 log(P_i / M_i) = 1/2 log1p(d_i) (and 1/2 log1p(-d_i) for Q), taken as 0 where P_i == 0;
-  only p and q are kept for the backward pass (no [..., S] intermediates), and the value is exactly 0 where P == Q."""
+  """d JSD / d P_i = 1/2 log(P_i / M_i) (and alike for Q), taken as 0 where P_i == 0 (_half_log_ratio); only p and
+  q are kept for the backward pass (no [..., S] intermediates), and the value is exactly 0 where P == Q."""
   p, q = res
   s = p + q
   d = jnp.where(s > 0, (p - q) / jnp.where(s > 0, s, 1.0), 0.0)
   g = g[..., None]
-  gp = jnp.where(p > 0, 0.5 * jnp.log1p(jnp.where(p > 0, d, 0.0)), 0.0)
-  gq = jnp.where(q > 0, 0.5 * jnp.log1p(jnp.where(q > 0, -d, 0.0)), 0.0)
-  return g * gp, g * gq
+  return g * _half_log_ratio(p, q, d), g * _half_log_ratio(q, p, -d)
 
 
 _jsd.defvjp(_jsd_fwd, _jsd_bwd)
