@@ -96,9 +96,11 @@ def _panel(ax, records, arm_order, key, title) -> bool:
       continue
     vals = [[s[k] for s in series] for k in steps]
     mean = [sum(v) / len(v) for v in vals]
-    ax.plot(steps, mean, marker='o' if len(steps) < 12 else None, ms=3, label=f'{arm} (n={len(series)})')
+    colour = f'C{list(arm_order).index(arm) % 10}'     # one colour per arm in every panel
+    ax.plot(steps, mean, marker='o' if len(steps) < 12 else None, ms=3, color=colour,
+            label=f'{arm} (n={len(series)})')
     if len(series) > 1:
-      ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.15)
+      ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.15, color=colour)
     drawn = True
   if drawn:
     ax.set_title(title, fontsize=10)
