@@ -115,3 +115,25 @@ def test_render_batch_with_tensorboard_writer(tmp_path):
                               examples=(0, 1), tb_writer=w, step=3)
   assert sorted(out) == [0, 1] and all(os.path.exists(p) for ps in out.values() for p in ps)
   assert w.calls == [('attention/before_ex0_m0', (56, 56, 3), 3, 'HWC'), ('attention/before_ex1_m0', (56, 56, 3), 3, 'HWC')]
+
+
+def test_render_outlines_evidence_shares_one_scale_and_writes_caption(tmp_path):
+  from PIL import Image
+  from ral_jax.data import processor
+  cfg = processor.ProcessorConfig(image_min_pixels=28 * 28, image_max_pixels=56 * 84)
+  pv, g = processor.process_image(np.full((56, 84, 3), 128, np.uint8), cfg)
+  pv2, g2 = processor.process_image(np.full((56, 84, 3), 128, np.uint8), cfg)
+  attn = np.full(12, 0.01)
+  attn[4] = 0.2                       # image 0, bottom-middle token
+  attn[6 + 0] = 0.02                  # image 1: weak everywhere -> must stay cold on the shared scale
+  ev = np.zeros(12, bool)
+  ev[4] = True
+  paths, (img0, img1) = heatmaps.render(str(tmp_path), 'ex', np.concatenate([pv, pv2]), np.array([g, g2]),
+                                        np.array([1, 1]), attn, evidence_v=ev, caption='Q: where?\nreference: B',
+                                        title='t', total_mass=1.0)
+  white = (img0 == 255).all(-1)
+  assert white[28, 28:56].all() and white[55, 28:56].all() and white[28:56, 28].all()   # outline of the token
+  assert not white[:27].any() and not white[:, :27].any()                                 # nowhere else
+  assert (img1[..., 2].astype(int) > img1[..., 0].astype(int)).all()                     # cold: shared scale
+  big = Image.open(paths[0])
+  assert big.size[0] > 256                                                                # colour bar beside it

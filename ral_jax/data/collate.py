@@ -9,7 +9,7 @@ only len(prompt_buckets) x len(patch_buckets) (x len(target_buckets)) shapes:
   vision_meta: models.vision_inputs.build_vision_inputs of each example for P, stacked ([B, ...] int32 arrays)
   target_ids [B,Tr] int32 right-padded with the pad id; target_mask [B,Tr] int32   (only with targets)
   evidence_mask [B,Tp] int32 left-padded with 0 (1 = visual token on the evidence); has_evidence [B] int32
-  id, answer, problem_type, options, source, data_source: numpy unicode arrays [B]
+  id, answer, problem_type, options, source, data_source, question: numpy unicode arrays [B]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-STRING_KEYS = ('id', 'answer', 'problem_type', 'options', 'source', 'data_source')
+STRING_KEYS = ('id', 'answer', 'problem_type', 'options', 'source', 'data_source', 'question')
 
 
 def pick_bucket(n: int, buckets: Sequence[int], what: str) -> int:

@@ -8,7 +8,7 @@ Output dict (ok record):
   target_ids [Lt] int32         (when DataConfig.with_targets) SFT response tokens + the end-of-turn token
   evidence_mask [L] int32        1 at vision pad tokens whose merged token overlaps the record's evidence
                                 (data/evidence.py); all 0 without evidence.  has_evidence: int32 0/1
-  id, answer, problem_type, options (JSON list), source, data_source: str
+  id, answer, problem_type, options (JSON list), source, data_source, question: str
 A bad record gives {'bad_reason', 'bad_detail', 'id', 'source'} instead (pipeline counts and drops it).
 """
 from __future__ import annotations
@@ -103,7 +103,8 @@ class ExampleProcessor:
            'positions': rope_index(ids, np.ones_like(ids), grids, kinds, spgt, self.mcfg),
            'pixel_values': pixels, 'grid_thw': grids, 'media_kind': kinds, 'second_per_grid_t': spgt,
            'id': ex.id, 'answer': ex.answer, 'problem_type': ex.problem_type,
-           'options': json.dumps(list(ex.options)), 'source': ex.source, 'data_source': ex.data_source}
+           'options': json.dumps(list(ex.options)), 'source': ex.source, 'data_source': ex.data_source,
+           'question': ex.question}
     out.update(self.evidence(ex, ids, sizes, grids, spgt))
     if self.dcfg.with_targets:
       out['target_ids'] = self.target_ids(ex)

@@ -65,6 +65,22 @@ def greedy_with_policy(ctx, params, batch: Dict, keep: int, rng=None, layer: int
   }
 
 
+def captions(ctx, batch: Dict, texts, examples) -> Dict[int, str]:
+  """{b: 'Q: question / reference: X / model: response (correct|wrong)'} for the heat-map pictures."""
+  from ral_jax.rl import rewards as rewards_lib
+  try:
+    _, per, _ = rewards_lib.compute_rewards(list(texts), batches.reward_records(batch), ctx.score_config(), 1)
+    ok = np.asarray(per['accuracy'])
+  except Exception:  # noqa: BLE001  (a picture without the verdict beats no picture)
+    ok = None
+  out = {}
+  for b in examples:
+    q = str(batch['question'][b]) if 'question' in batch else ''
+    verdict = '' if ok is None else (' (correct)' if ok[b] > 0 else ' (wrong)')
+    out[b] = f'Q: {q}\nreference: {batch["answer"][b]!s}   model: {str(texts[b])!r}{verdict}'
+  return out
+
+
 def snapshot(ctx, params, batch: Dict, out_dir: str, tag: str, step: Optional[int] = None,
              examples: Sequence[int] = (0, 1), tb_writer=None, rng=None, layer: int = -1,
              rows: str = 'response', token: Optional[int] = None) -> Dict[int, List[str]]:
@@ -89,8 +105,9 @@ def snapshot(ctx, params, batch: Dict, out_dir: str, tag: str, step: Optional[in
     row_weights[np.arange(len(pick)), pick] = 1.0
   host = {'input_ids': res['input_ids'], 'pixel_values': batch['pixel_values'], 'grid_thw': batch['grid_thw'],
           'media_kind': batch['media_kind']}
+  host.update({k: batch[k] for k in ('evidence_mask', 'has_evidence') if k in batch})
   paths = heatmaps.render_batch(out_dir, tag, host, res['policy'], row_weights, ctx.model_cfg, examples,
-                                tb_writer=tb_writer, step=step)
+                                tb_writer=tb_writer, step=step, captions=captions(ctx, batch, res['texts'], examples))
   with open(os.path.join(out_dir, f'{tag}_answers.txt'), 'w', encoding='utf-8') as f:
     for b in examples:
       f.write(f"ex{b} id={batch['id'][b] if 'id' in batch else b} answer={batch['answer'][b]!s}\n"
