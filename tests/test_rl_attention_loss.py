@@ -220,3 +220,20 @@ def test_jsd_gradient_matches_float64_formula():
   m = 0.5 * (p.astype(np.float64) + q)
   np.testing.assert_allclose(gp, 0.5 * np.log(p / m), rtol=1e-3, atol=1e-9)
   np.testing.assert_allclose(gq, 0.5 * np.log(q / m), rtol=1e-3, atol=1e-9)
+
+
+def test_kl_variant_matches_float64_and_feeds_ral_loss():
+  from ral_jax.rl.attention_loss import kl
+  rng = np.random.default_rng(5)
+  p = np.asarray(jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 3, 13)), jnp.float32)))
+  q = np.asarray(jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 3, 13)), jnp.float32)))
+  ref = np.sum(p.astype(np.float64) * np.log(p.astype(np.float64) / q), -1)
+  np.testing.assert_allclose(kl(jnp.asarray(p), jnp.asarray(q)), ref, rtol=1e-4)
+  assert not np.any(np.asarray(kl(jnp.asarray(p), jnp.asarray(p))))
+  g = jax.grad(lambda a: jnp.sum(kl(a, jnp.asarray(q))))(jnp.asarray(p))
+  np.testing.assert_allclose(g, np.log(p.astype(np.float64) / q), rtol=1e-3, atol=1e-6)
+  adv, rm = jnp.array([1.0, -1.0]), jnp.ones((2, 3))
+  loss, m = ral_loss(jnp.asarray(p), jnp.asarray(q), adv, rm, divergence='kl')
+  np.testing.assert_allclose(loss, (ref[0].sum() - ref[1].sum()) / 6, rtol=1e-4)
+  with pytest.raises(ValueError, match='divergence'):
+    ral_loss(jnp.asarray(p), jnp.asarray(q), adv, rm, divergence='tv')
