@@ -7,7 +7,9 @@ Output dict (ok record):
   grid_thw [m,3] int32, media_kind [m] int32 (1 image, 2 video), second_per_grid_t [m] f32 (0 for images)
   target_ids [Lt] int32         (when DataConfig.with_targets) SFT response tokens + the end-of-turn token
   id, answer, problem_type, options (JSON list), source: str
-A bad record gives {'bad_reason', 'bad_detail', 'id', 'source'} instead (pipeline counts and drops it).
+A bad record gives {'bad_reason', 'bad_detail', 'id', 'source'} instead (pipeline counts and drops it): a BadRecord
+with its reason, or any other exception raised while processing that one record as 'processing_error' (type and
+message kept), so one odd record never stops a run; the bad-fraction limit stops a run whose every record fails.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ class ExampleProcessor:
       return self.process(ex)
     except BadRecord as e:
       return {'bad_reason': e.reason, 'bad_detail': e.detail, 'id': ex.id, 'source': ex.source}
+    except Exception as e:  # noqa: BLE001 - per-record: counted as bad, never a crash inside a Grain worker
+      return {'bad_reason': 'processing_error', 'bad_detail': f'{type(e).__name__}: {e}', 'id': ex.id,
+              'source': ex.source}
 
   def load_media(self, ex: Example):
     d = self.dcfg

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-from ral_jax.data.badinput import BadInputCounter, BadRecord
+from ral_jax.data.badinput import BadInputCounter, BadRecord, DataError
 from ral_jax.data.collate import Collator
 from ral_jax.data.features import ExampleProcessor
 from ral_jax.data.media import VideoConfig
@@ -99,8 +99,25 @@ class _SkipBad:
     return True
 
 
-def make_pipeline(dcfg: DataConfig, mcfg) -> Pipeline:
-  """The pipeline for one host. mcfg: models.config.ModelConfig (token ids and vision geometry)."""
+class _CheckedCollator:
+  """A batch that cannot be collated stops the run naming its records and files (a batch-level failure: the
+  per-record checks upstream passed)."""
+
+  def __init__(self, collate):
+    self.collate = collate
+
+  def __call__(self, items):
+    try:
+      return self.collate(items)
+    except Exception as e:  # noqa: BLE001
+      where = sorted({f"{x.get('source', '?')}" for x in items})
+      ids = [str(x.get('id', '?')) for x in items][:8]
+      raise DataError(f'cannot collate a batch of records {ids} from {where}: {type(e).__name__}: {e}') from e
+
+
+def make_pipeline(dcfg: DataConfig, mcfg, counter: Optional[BadInputCounter] = None) -> Pipeline:
+  """The pipeline for one host. mcfg: models.config.ModelConfig (token ids and vision geometry). `counter`: a
+  BadInputCounter shared with other pipelines of the same run (files read by several are counted once per line)."""
   import grain
   from ral_jax.data import tokenizer as tokenizer_lib
   if not dcfg.manifests:
@@ -111,7 +128,7 @@ def make_pipeline(dcfg: DataConfig, mcfg) -> Pipeline:
                      'ProcessorConfig.from_vision(model_cfg.vision, ...)')
   tok = tokenizer_lib.load_tokenizer(dcfg.tokenizer)
   ids = tokenizer_lib.check_matches_model(tok, mcfg)
-  counter = BadInputCounter(dcfg.max_bad_fraction, dcfg.bad_min_records)
+  counter = counter or BadInputCounter(dcfg.max_bad_fraction, dcfg.bad_min_records)
   records = load_manifests(dcfg.manifests, counter, dcfg.data_root)
   ds = grain.MapDataset.source(records)[dcfg.shard_index::dcfg.shard_count]
   n = len(ds)
@@ -129,5 +146,5 @@ def make_pipeline(dcfg: DataConfig, mcfg) -> Pipeline:
   it = it.filter(_SkipBad(counter))
   collate = Collator(ids.pad, dcfg.prompt_buckets, dcfg.patch_buckets, dcfg.target_buckets, dcfg.max_media,
                      mcfg.vision, dcfg.full_chunk)
-  it = it.batch(dcfg.batch_size, drop_remainder=dcfg.drop_remainder, batch_fn=collate)
+  it = it.batch(dcfg.batch_size, drop_remainder=dcfg.drop_remainder, batch_fn=_CheckedCollator(collate))
   return Pipeline(it, counter, n)

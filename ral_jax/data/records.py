@@ -10,7 +10,9 @@ Two formats, picked by file extension:
            target (optional SFT response)}.
 Media paths are relative to `data_root` (default: the manifest's directory); absolute paths are kept.
 A malformed line / record or a missing answer is counted as bad (BadInputCounter) and skipped; an empty or
-unreadable manifest raises DataError naming the file.
+unreadable manifest raises DataError naming the file. Text must be valid UTF-8: a .jsonl line with raw non-UTF-8
+bytes, or any record string holding a lone surrogate (JSON `"\ud800"`, or a raw bad byte of a .json file), is a
+bad record naming the manifest and line / record, never an exception later in tokenization.
 """
 from __future__ import annotations
 
@@ -82,11 +84,13 @@ def load_manifest(path: str, counter: BadInputCounter, data_root: Optional[str] 
   """All good records of one manifest; bad ones counted in `counter` (the file's bad fraction is checked)."""
   root = data_root or os.path.dirname(os.path.abspath(path))
   try:
-    with open(path) as f:
-      text = f.read()
+    with open(path, 'rb') as f:
+      raw = f.read()
   except OSError as e:
     raise DataError(f'cannot read manifest {path}: {e}') from e
   out = []
+  if not counter.begin_parse(path):   # already parsed by another pipeline: its lines were counted then
+    counter = BadInputCounter(counter.max_bad_fraction, counter.min_records)
 
   def add(fn, *args):
     try:
@@ -96,6 +100,7 @@ def load_manifest(path: str, counter: BadInputCounter, data_root: Optional[str] 
       counter.bad(e, path, stage='parse')
 
   if path.endswith('.json'):
+    text = raw.decode('utf-8', errors='surrogateescape')   # bad bytes become lone surrogates: per-record check
     try:
       recs = json.loads(text) if text.strip() else []
     except json.JSONDecodeError as e:
@@ -105,11 +110,14 @@ def load_manifest(path: str, counter: BadInputCounter, data_root: Optional[str] 
     for rec in recs:
       add(_checked(_video_r1), rec, root, path)
   elif path.endswith('.jsonl'):
-    for i, line in enumerate(text.splitlines()):
-      if not line.strip():
+    for i, raw_line in enumerate(raw.splitlines()):
+      if not raw_line.strip():
         continue
       try:
-        rec = json.loads(line)
+        rec = json.loads(raw_line.decode('utf-8'))
+      except UnicodeDecodeError as e:
+        rec = BadRecord('malformed_record', f'line {i + 1} is not UTF-8 (byte {raw_line[e.start]:#04x} at column '
+                        f'{e.start + 1})', f'line {i + 1}', path)
       except json.JSONDecodeError as e:
         rec = BadRecord('malformed_record', f'line {i + 1} is not JSON: {e}', f'line {i + 1}', path)
       add(_checked(_jsonl), rec, root, path, i + 1)
@@ -130,8 +138,26 @@ def _checked(fn):
       raise rec
     if not isinstance(rec, dict):
       raise BadRecord('malformed_record', f'record is a {type(rec).__name__}, not an object', '', source)
-    return fn(rec, root, source, *rest)
+    ex = fn(rec, root, source, *rest)
+    where = f'line {rest[0]}' if rest else f'record {ex.id!r}'
+    _check_utf8(ex, where, source)
+    return ex
   return wrapped
+
+
+def _check_utf8(ex: Example, where: str, source: str) -> None:
+  """BadRecord if a text field cannot be encoded as UTF-8 (a lone surrogate), which tokenizers refuse."""
+  fields = [('id', ex.id), ('question', ex.question), ('answer', ex.answer), ('problem_type', ex.problem_type),
+            ('target', ex.target or ''), ('data_source', ex.data_source)]
+  fields += [(f'options[{i}]', o) for i, o in enumerate(ex.options)]
+  fields += [(f'media[{i}]', p) for i, (_, p) in enumerate(ex.media)]
+  for name, text in fields:
+    try:
+      str(text).encode('utf-8')
+    except UnicodeEncodeError as e:
+      rid = ex.id.encode('utf-8', errors='backslashreplace').decode('ascii', errors='replace')
+      raise BadRecord('malformed_record', f'{where}: field {name} is not valid Unicode text (lone surrogate '
+                      f'{text[e.start]!r} at character {e.start})', rid, source) from None
 
 
 def load_manifests(paths: Sequence[str], counter: BadInputCounter, data_root: Optional[str] = None) -> List[Example]:

@@ -16,6 +16,7 @@ from absl import logging
 
 from ral_jax.data import pipeline as pipeline_lib
 from ral_jax.data import synthetic
+from ral_jax.data.badinput import BadInputCounter
 from ral_jax.data.media import VideoConfig
 from ral_jax.data.processor import ProcessorConfig
 from ral_jax.data.prompts import PromptConfig
@@ -90,16 +91,22 @@ class StageData:
     self.iterator.set_state(state)
 
 
-def make_stage_data(config, model_cfg, files, batch_size: int, stage: str) -> StageData:
-  p = pipeline_lib.make_pipeline(data_config(config, model_cfg, files, batch_size, stage), model_cfg)
+def make_counter(config) -> BadInputCounter:
+  """One bad-input counter for all of a run's pipelines: a manifest read by the SFT and the RL stage is counted
+  once per line, and its bad fraction (data/badinput.py) is the one the limit applies to."""
+  return BadInputCounter(config.data.max_bad_fraction)
+
+
+def make_stage_data(config, model_cfg, files, batch_size: int, stage: str, counter=None) -> StageData:
+  p = pipeline_lib.make_pipeline(data_config(config, model_cfg, files, batch_size, stage), model_cfg, counter)
   return StageData(p, iter(p.dataset))
 
 
-def eval_batches(config, model_cfg, files, num_examples: int, batch_size: int) -> List[Dict]:
+def eval_batches(config, model_cfg, files, num_examples: int, batch_size: int, counter=None) -> List[Dict]:
   """A fixed list of held-out batches (read once, reused at every evaluation)."""
   if not files or num_examples <= 0:
     return []
-  data = make_stage_data(config, model_cfg, files, batch_size, 'eval')
+  data = make_stage_data(config, model_cfg, files, batch_size, 'eval', counter)
   out = []
   for b in data.iterator:
     out.append(b)
@@ -109,9 +116,11 @@ def eval_batches(config, model_cfg, files, num_examples: int, batch_size: int) -
 
 
 def bad_input_metrics(*datas: StageData) -> Dict[str, float]:
-  out = {}
+  """Bad-input metrics of the stages' counters, each distinct counter once (stages of a run share one)."""
+  out, done = {}, set()
   for d in datas:
-    if d is not None:
+    if d is not None and id(d.pipeline.counter) not in done:
+      done.add(id(d.pipeline.counter))
       for k, v in d.pipeline.counter.metrics().items():
-        out[k] = out.get(k, 0.0) + float(v)
+        out[k] = max(out.get(k, 0.0), float(v)) if k.endswith('bad_fraction') else out.get(k, 0.0) + float(v)
   return out

@@ -55,10 +55,13 @@ class Trainer:
       self.ctx.teacher_cfg, self.ctx.teacher_params = train_init.load_teacher(run, mc, self.mesh, self.rules)
     train_files, eval_files = train_data.manifests(config, workdir)
     self.sft_data = self.rl_data = None
+    counter = train_data.make_counter(config)
     if run.loop.sft_steps:
-      self.sft_data = train_data.make_stage_data(config, self.model_cfg, train_files, run.loop.sft_batch_size, 'sft')
+      self.sft_data = train_data.make_stage_data(config, self.model_cfg, train_files, run.loop.sft_batch_size, 'sft',
+                                                 counter)
     if run.loop.rl_steps:
-      self.rl_data = train_data.make_stage_data(config, self.model_cfg, train_files, run.rl.prompts_per_batch, 'rl')
+      self.rl_data = train_data.make_stage_data(config, self.model_cfg, train_files, run.rl.prompts_per_batch, 'rl',
+                                                counter)
     self.eval_batches = train_data.eval_batches(config, self.model_cfg, eval_files, run.loop.eval_examples,
                                                 run.loop.eval_batch)
     self.ckpt = ckpt_lib.Checkpointer(workdir, run.loop.ckpt_every, run.loop.ckpt_keep, run.loop.ckpt_async)
@@ -217,10 +220,7 @@ class Trainer:
       self.ckpt.close()
 
   def _data_metrics(self) -> Dict[str, float]:
-    m = train_data.bad_input_metrics(self.sft_data, self.rl_data)
-    if m.get('data/seen'):
-      m['data/bad_fraction'] = m.get('data/bad', 0.0) / m['data/seen']
-    return m
+    return train_data.bad_input_metrics(self.sft_data, self.rl_data)
 
   def export(self, params, writer=None):
     """The policy as an HF checkpoint directory (config.json, safetensors, tokenizer files) in <workdir>/hf_export."""
