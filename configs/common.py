@@ -21,7 +21,7 @@ ALGOS = ('sft', 'grpo', 'ral', 'ral_zero', 'distill')
 def base_config() -> ConfigDict:
   """All knobs with their defaults (the embedded default's values where a CPU demo needs small numbers)."""
   c = ConfigDict()
-  c.seed = 0
+  c.seed = 0                   # seed of parameter init, data shuffling and rollout sampling
   c.algo = 'ral'               # one of ALGOS; selects the loss terms of the RL stage
 
   # ---- model -----------------------------------------------------------------------------------------
@@ -42,35 +42,35 @@ def base_config() -> ConfigDict:
                                # count) | 'mixed' (all); or a comma list of data.synthetic TASKS
   c.data.num_train = 512       # synthetic training examples
   c.data.num_eval = 64         # synthetic held-out examples
-  c.data.synthetic_seed = 0
+  c.data.synthetic_seed = 0    # seed of the synthetic task generator
   c.data.image_size = 112      # synthetic image side (px)
   c.data.video_size = 56       # synthetic video frame side (px)
   c.data.video_frames = 8      # synthetic video frames (multiple of 8)
-  c.data.object_size = 10
-  c.data.num_distractors = 3
+  c.data.object_size = 10      # synthetic object side (px)
+  c.data.num_distractors = 3   # synthetic distractor objects per image / frame
   c.data.train_manifest = ''   # manifest(s) when source = 'manifest': Video-R1 JSON or JSONL, comma separated
-  c.data.eval_manifest = ''
+  c.data.eval_manifest = ''    # held-out manifest(s) when source = 'manifest' ('' = no held-out evaluation)
   c.data.data_root = ''        # media paths in manifests are relative to this ('' = each manifest's directory)
   c.data.tokenizer = ''        # tokenizer directory; '' = the HF checkpoint's if any, else the embedded one
   c.data.prompt_buckets = (192, 256)   # prompt lengths Tp (left padded)
   c.data.patch_buckets = (64, 128)     # vision patches P per example (padded)
   c.data.target_buckets = (48, 64)     # SFT target lengths
   c.data.max_media = 1         # media items M per example (padded)
-  c.data.image_min_pixels = 56 * 56
-  c.data.image_max_pixels = 112 * 112
-  c.data.video_min_pixels = 28 * 28
-  c.data.video_max_pixels = 56 * 56
+  c.data.image_min_pixels = 56 * 56  # images are resized (aspect kept) to at least this many pixels
+  c.data.image_max_pixels = 112 * 112  # ... and at most this many
+  c.data.video_min_pixels = 28 * 28  # per-frame pixel bounds of videos
+  c.data.video_max_pixels = 56 * 56  # ... (max)
   c.data.fps = 2.0             # video sampling rate
-  c.data.max_frames = 8
-  c.data.min_frames = 4
+  c.data.max_frames = 8        # most frames sampled from one video
+  c.data.min_frames = 4        # fewest frames sampled from one video (short clips: all frames)
   c.data.num_workers = 0       # Grain worker processes (0 = in-process)
-  c.data.read_threads = 2
+  c.data.read_threads = 2      # threads per process decoding records
   c.data.max_bad_fraction = 0.1  # stop when more than this fraction of records is bad
 
   # ---- rollout sampling (method.md s.6: temperature 1.0) ----------------------------------------------
   c.sampling = ConfigDict()
-  c.sampling.temperature = 1.0
-  c.sampling.top_p = 1.0
+  c.sampling.temperature = 1.0 # rollout sampling temperature
+  c.sampling.top_p = 1.0       # nucleus sampling (1 = off)
   c.sampling.top_k = 0         # 0 = off
   c.sampling.max_new_tokens = 48   # response bucket Tr
   c.sampling.dtype = ''        # sampling compute dtype ('' = model dtype)
@@ -82,29 +82,29 @@ def base_config() -> ConfigDict:
   c.rl.num_minibatches = 4     # optimizer steps per rollout batch per epoch (method.md s.3 default 4)
   c.rl.epochs = 1              # passes over each rollout batch
   c.rl.micro_batches = 1       # gradient accumulation: micro-batches per mini-batch
-  c.rl.lr = 1e-5
+  c.rl.lr = 1e-5               # RL learning rate (peak)
   c.rl.lambda_attn = 1.0       # RAL weight (paper: 0.5, 1, 5)
   c.rl.beta = 0.04             # KL(pi_theta || pi_ref) weight
   c.rl.kl_estimator = 'k3'     # 'k1' | 'k2' | 'k3'
-  c.rl.clip_eps_low = 0.2
-  c.rl.clip_eps_high = 0.2
+  c.rl.clip_eps_low = 0.2      # PPO ratio clip: lower epsilon
+  c.rl.clip_eps_high = 0.2     # PPO ratio clip: upper epsilon (> low: clip-higher)
   c.rl.dual_clip = 0.0         # 0 = off; else the dual-clip constant c > 1
   c.rl.aggregation = 'token_mean'  # 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum' | 'drgrpo'
   c.rl.attn_aggregation = ''   # '' = same as aggregation
   c.rl.rows = 'response'       # 'response' (the response tokens' own rows; paper) | 'producing'
   c.rl.advantage = 'grpo'      # 'grpo' | 'drgrpo' | 'rloo'
-  c.rl.adv_eps = 1e-6
+  c.rl.adv_eps = 1e-6          # added to the group std of rewards
   c.rl.reward = 'default'      # reward registry name (0.9 accuracy + 0.1 format)
-  c.rl.accuracy_weight = 0.9
-  c.rl.format_weight = 0.1
+  c.rl.accuracy_weight = 0.9   # reward = accuracy_weight * accuracy + format_weight * format
+  c.rl.format_weight = 0.1     # weight of the format reward
   c.rl.format = 'think'        # 'think' (<think>..</think><answer>..</answer>) | 'answer_only' (RAL-zero)
   c.rl.logprob_chunk = 0       # >0: compute token log-probs in chunks of this many positions
 
   # ---- distillation (method.md s.5) ---------------------------------------------------------------------
   c.distill = ConfigDict()
-  c.distill.teacher_preset = 'tiny'
+  c.distill.teacher_preset = 'tiny'  # teacher model preset when no teacher_checkpoint is given
   c.distill.teacher_checkpoint = ''   # HF directory of the teacher; '' = random init from teacher_seed
-  c.distill.teacher_seed = 7
+  c.distill.teacher_seed = 7   # init seed of a random teacher (tests)
   c.distill.mu = 1.0           # GKD weight
   c.distill.gamma_attn = 0.5   # attention-distillation weight (paper: 0.05, 0.5, 1)
   c.distill.kd_estimator = 'full'  # 'full' (reverse KL over the vocabulary) | 'sampled'
@@ -112,19 +112,19 @@ def base_config() -> ConfigDict:
 
   # ---- SFT (warm-up stage and the `sft` preset) ---------------------------------------------------------
   c.sft = ConfigDict()
-  c.sft.batch_size = 8
-  c.sft.lr = 5e-6
-  c.sft.micro_batches = 1
+  c.sft.batch_size = 8         # SFT examples per step (global)
+  c.sft.lr = 5e-6              # SFT learning rate (peak)
+  c.sft.micro_batches = 1      # gradient accumulation: micro-batches per SFT step
 
   # ---- optimizer (shared by both stages) -----------------------------------------------------------------
   c.optim = ConfigDict()
   c.optim.schedule = 'cosine'  # 'cosine' (warm-up + cosine to end_lr_ratio * lr) | 'constant' (warm-up + flat)
   c.optim.warmup_steps = 2     # in optimizer steps
-  c.optim.end_lr_ratio = 0.1
-  c.optim.weight_decay = 0.0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
+  c.optim.end_lr_ratio = 0.1   # cosine schedule ends at this fraction of the peak lr
+  c.optim.weight_decay = 0.0   # AdamW decoupled weight decay
+  c.optim.b1 = 0.9             # Adam beta1
+  c.optim.b2 = 0.999           # Adam beta2
+  c.optim.eps = 1e-8           # Adam epsilon
   c.optim.grad_clip = 1.0      # global-norm clip; 0 = off
   c.optim.freeze = ('visual',)  # top-level parameter subtrees with no gradient and no optimizer state
 
@@ -132,26 +132,28 @@ def base_config() -> ConfigDict:
   c.train = ConfigDict()
   c.train.sft_steps = 30       # SFT warm-up steps (outer steps); 0 = none
   c.train.rl_steps = 30        # RL steps (one rollout batch each); 0 = none
-  c.train.log_every = 1
+  c.train.log_every = 1        # write metrics every N outer steps
   c.train.eval_every = 0       # held-out accuracy every E outer steps (0 = only before and after)
   c.train.eval_examples = 64   # held-out examples (greedy decoding)
-  c.train.eval_batch = 32
+  c.train.eval_batch = 32      # held-out prompts per evaluation batch (global)
   c.train.heatmap_every = 0    # attention heat maps of fixed held-out examples every E outer steps (0 = only
                                # before and after training); PNGs in <workdir>/attention, TensorBoard images
   c.train.heatmap_examples = 2 # held-out examples drawn (0 = no heat maps)
   c.train.export_hf = True     # write the final policy as an HF directory to <workdir>/hf_export
   c.train.stop_after = 0       # >0: stop (as if preempted) after this many outer steps; for tests
+  c.train.max_skipped_updates = 8  # stop (without saving) after this many consecutive optimizer updates were
+                               # skipped for a non-finite loss or gradient; 0 = never stop
 
   # ---- checkpoints ---------------------------------------------------------------------------------------
   c.checkpoint = ConfigDict()
   c.checkpoint.every = 10      # save every K outer steps (and at the end, and on SIGTERM)
   c.checkpoint.keep = 2        # keep the N most recent
-  c.checkpoint.async_save = True
+  c.checkpoint.async_save = True  # save in a background thread (the next steps run meanwhile)
 
   # ---- device mesh ---------------------------------------------------------------------------------------
   c.mesh = ConfigDict()
   c.mesh.shape = (-1, 1, 1)    # ('data', 'fsdp', 'tensor'); one -1 takes the remaining devices
-  c.mesh.axis_names = ('data', 'fsdp', 'tensor')
+  c.mesh.axis_names = ('data', 'fsdp', 'tensor')  # fixed; listed for completeness
   c.mesh.rules = ()            # logical-axis rules ((name, mesh axes), ...); () = ral_jax.sharding defaults
   return c
 

@@ -1,6 +1,7 @@
 """Metric writers: TensorBoard event files, a JSONL log and a console progress bar with ETA, on process 0 only.
 
-<workdir>/metrics.jsonl   one JSON object per logged step: {"step": k, "stage": "rl", "<name>": value, ...}
+<workdir>/metrics.jsonl   one JSON object per logged step: {"step": k, "stage": "rl", "<name>": value, ...};
+                          a resumed run first drops the lines past the restored step (they are replayed)
 <workdir>/tb/             TensorBoard scalars under the same names (grouped by their prefix, e.g. rl/reward)
 console                   a tqdm bar over all outer steps with ETA and a few key numbers (reward, accuracy, ...)
 Values are fetched from devices here (after the next step was dispatched, style.md s.12) and must be scalars.
@@ -30,19 +31,49 @@ def to_host(metrics: Mapping) -> dict:
   return out
 
 
+def truncate_jsonl(path: str, last_step: int) -> int:
+  """Drops the lines of a metrics.jsonl past `last_step` (the restored checkpoint's step; 0 = a fresh start, which
+  keeps nothing), written by a session that was killed before its next checkpoint: a resumed run replays those
+  steps. Returns the number of lines dropped."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      step = int(json.loads(line)['step'])
+    except (ValueError, KeyError, TypeError):
+      continue       # a line cut by a kill mid-write
+    if last_step and step <= last_step:
+      keep.append(line)
+  if len(keep) != len(lines):
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(''.join(l + '\n' for l in keep))
+    os.replace(tmp, path)
+  return len(lines) - len(keep)
+
+
 class MetricsWriter:
   def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, enabled: Optional[bool] = None,
-               tensorboard: bool = True, progress: bool = True, key_numbers: Sequence[str] = KEY_NUMBERS):
+               tensorboard: bool = True, progress: bool = True, key_numbers: Sequence[str] = KEY_NUMBERS,
+               drop_after: Optional[int] = None):
+    """drop_after: the step a run (re)starts from; earlier sessions' lines past it are dropped (truncate_jsonl)."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.key_numbers = key_numbers
     self._tb = self._bar = self._jsonl = None
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if drop_after is not None:
+      truncate_jsonl(path, drop_after)
+    self._jsonl = open(path, 'a', encoding='utf-8')
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      # purge_step: TensorBoard drops events of the replayed steps (after initial_step) from earlier sessions
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=drop_after + 1 if drop_after else None)
     if progress:
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=initial_step, desc='train', dynamic_ncols=True,

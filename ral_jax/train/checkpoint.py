@@ -4,8 +4,14 @@ Layout: <workdir>/checkpoints/<outer_step>/{state, ref, meta}.
   state  TrainState (params, optimizer state, optimizer step, base RNG key), restored straight onto its sharding
   ref    the frozen reference params of the RL stage (absent during SFT)
   meta   JSON: outer step, stage, data-iterator states (Grain `get_state()`, JSON or base64 bytes), extra fields
-Saves are asynchronous (`checkpoint.async_save`), every K outer steps, the N most recent kept; a SIGTERM
-(preemption) makes the loop save at the next step boundary and exit. Non-finite parameters are never saved.
+Saves are asynchronous (`checkpoint.async_save`), every K outer steps, the N most recent kept; a SIGTERM or SIGINT
+makes the loop save at the next step boundary and exit. Non-finite parameters are never saved.
+
+Resume (`restore_newest_intact`) tries the steps newest first. A step that cannot be restored (an empty or
+foreign directory, garbage or truncated or zeroed data files, `meta` removed, a non-finite tensor) is skipped with
+a warning that says which step and why, and is moved aside to `<step>.damaged` (so that the run can save that step
+number again); the newest intact step is restored. When no step is intact, nothing is moved and the restore stops
+with every step's reason.
 """
 from __future__ import annotations
 
@@ -40,22 +46,57 @@ def abstract_like(tree):
 
 
 class PreemptionGuard:
-  """Turns SIGTERM into a flag the loop polls at step boundaries (then: save, wait, exit)."""
+  """Turns SIGTERM (preemption) and the first SIGINT (Ctrl-C) into a flag the loop polls at step boundaries
+  (then: save, wait, exit with 128 + signum). A second Ctrl-C interrupts at once (KeyboardInterrupt)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signum: Optional[int] = None
+    self._previous = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
-    logging.warning('SIGTERM received: saving a checkpoint at the next step boundary, then exiting.')
-    self.requested = True
+    name = signal.Signals(signum).name
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning('%s received: saving a checkpoint at the next step boundary, then exiting.', name)
+    if jax.process_index() == 0:
+      print(f'{name} received: saving a checkpoint after this step, then exiting (Ctrl-C again to stop now, '
+            'without saving).', flush=True)
+    self.requested, self.signum = True, signum
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for sig, prev in self._previous.items():
+      signal.signal(sig, prev)
+    self._previous = {}
+
+
+class DamagedCheckpoint(RuntimeError):
+  """No step of a checkpoint directory can be restored; the message lists each step's reason."""
+
+
+def first_nonfinite(tree, prefix: str = '') -> Optional[str]:
+  """Path of the first floating leaf holding NaN or Inf (None if all finite)."""
+  import jax.numpy as jnp
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if hasattr(leaf, 'dtype') and jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
+      return prefix + jax.tree_util.keystr(path)
+  return None
+
+
+def _short(e: BaseException) -> str:
+  """One line: the exception and its causes, each cut to 160 characters (TensorStore messages run to pages)."""
+  parts, seen = [], set()
+  while e is not None and id(e) not in seen and len(parts) < 4:
+    seen.add(id(e))
+    text = ' '.join(str(e).split())
+    parts.append(f'{type(e).__name__}: {text[:160]}{"..." if len(text) > 160 else ""}')
+    e = e.__cause__ or e.__context__
+  return ' <- '.join(parts)
 
 
 class Checkpointer:
@@ -98,6 +139,63 @@ class Checkpointer:
     meta = dict(out['meta'])
     meta['data_state'] = {k: _decode(v) for k, v in (meta.get('data_state') or {}).items()}
     return out['state'], (out['ref'] if 'ref' in items else None), meta
+
+  def problem(self, step: int) -> Optional[str]:
+    """A cheap structural check of one step directory: the reason it cannot be restored, or None."""
+    d = os.path.join(self.directory, str(step))
+    for item in ('state', 'meta'):
+      if not os.path.isdir(os.path.join(d, item)):
+        return f"its '{item}' item is missing" + (' (the directory is empty)' if not os.listdir(d) else '')
+    return None
+
+  def restore_newest_intact(self, templates, max_step: Optional[int] = None):
+    """(step, state, ref, meta) of the newest step that restores cleanly, or None when there is no step.
+
+    templates(step) -> (state_like, ref_like or None) for that step. Damaged steps newer than the one restored
+    are reported (warning + console line) and moved aside to `<step>.damaged`."""
+    self.manager.reload()
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    skipped = []
+    for step in steps:
+      try:
+        why = self.problem(step)
+        if why is None:
+          state_like, ref_like = templates(step)
+          state, ref, meta = self.restore(step, state_like, ref_like)
+          bad = first_nonfinite(state.params, 'params') or (first_nonfinite(ref, 'ref') if ref is not None else None)
+          if bad is None:
+            self._set_aside([s for s, _ in skipped])
+            return step, state, ref, meta
+          why = f'tensor {bad} holds NaN or Inf'
+      except Exception as e:  # noqa: BLE001 - any failure to read this step: try the previous one
+        why = f'it does not restore ({_short(e)})'
+      skipped.append((step, why))
+      msg = f'checkpoint step {step} in {self.directory} is damaged and skipped: {why}'
+      logging.info(msg)
+      if jax.process_index() == 0:
+        print(msg, flush=True)
+    if skipped:
+      raise DamagedCheckpoint(f'no intact checkpoint in {self.directory}: ' + '; '.join(
+          f'step {s}: {w}' for s, w in skipped) + '. Move the directory away (or use a new --workdir) to start over.')
+    return None
+
+  def _set_aside(self, steps) -> None:
+    """Renames damaged step directories to <step>.damaged (process 0), so new saves can reuse the numbers."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        dst = src + '.damaged'
+        n = 1
+        while os.path.exists(dst):
+          dst, n = f'{src}.damaged{n}', n + 1
+        os.rename(src, dst)
+        logging.warning('moved damaged checkpoint %s to %s', src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('damaged checkpoints set aside')
+    self.manager.reload()
 
   def read_meta(self, step: int) -> dict:
     return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])

@@ -8,6 +8,7 @@ its latest step (state, reference, data-iterator positions, and the held-out acc
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Dict, Optional
 
@@ -25,7 +26,41 @@ from ral_jax.train.state import all_finite
 
 
 class Preempted(Exception):
-  """Raised (after a checkpoint) when the loop stops early: SIGTERM or train.stop_after."""
+  """Raised (after a checkpoint) when the loop stops early: SIGINT / SIGTERM (`signum`) or train.stop_after
+  (`signum` None). `step`: the outer step saved."""
+
+  def __init__(self, msg: str, step: int = 0, signum: Optional[int] = None):
+    super().__init__(msg)
+    self.step, self.signum = step, signum
+
+
+class Diverged(FloatingPointError):
+  """train.max_skipped_updates consecutive optimizer updates were skipped (non-finite loss or gradient)."""
+
+
+class SkipStreak:
+  """Consecutive skipped optimizer updates across outer steps. An outer step whose `skipped` equals its number of
+  updates extends the streak; one with any applied update ends it (the order inside a step is not known, so a
+  partly skipped step counts as applied)."""
+
+  def __init__(self, limit: int):
+    self.limit, self.count = limit, 0
+
+  def update(self, skipped: float, updates: int, outer: int) -> None:
+    self.count = self.count + updates if skipped >= updates else 0
+    if self.limit and self.count >= self.limit:
+      raise Diverged(f'step {outer}: the last {self.count} optimizer updates were all skipped (non-finite loss or '
+                     f'gradient); stopping without saving. Lower the learning rate (sft.lr / rl.lr) or check the '
+                     f'data; the last saved checkpoint is intact (limit: train.max_skipped_updates='
+                     f'{self.limit}).')
+
+
+def _any_host(flag: bool) -> bool:
+  """True when `flag` is set on any process (a signal may reach only some hosts; all must stop at one step)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.process_allgather(jax.numpy.asarray(flag, jax.numpy.int32)).max())
 
 
 def _say(msg: str, writer: Optional[metrics_lib.MetricsWriter] = None):
@@ -92,15 +127,18 @@ class Trainer:
     params = self._initial_params()
     if self.config.model.init_checkpoint:
       params = self._params_from_orbax(self.config.model.init_checkpoint, params)
-    latest = self.ckpt.latest_step()
     first_stage = 'sft' if self.run_cfg.loop.sft_steps else 'rl'
-    if latest is None:
+
+    def templates(step):
+      stage = self.stage_of(step)
+      return self.new_state(stage, params), (train_init.reference_of(params) if stage == 'rl' else None)
+
+    found = self.ckpt.restore_newest_intact(templates)
+    if found is None:
       ref = train_init.reference_of(params) if first_stage == 'rl' else None
       return 0, first_stage, self.new_state(first_stage, params), ref, {}
+    latest, state, ref, meta = found
     stage = self.stage_of(latest)
-    template = self.new_state(stage, params)
-    ref_like = train_init.reference_of(params) if stage == 'rl' else None
-    state, ref, meta = self.ckpt.restore(latest, template, ref_like)
     if stage == 'rl' and ref is None:
       raise ValueError(f'checkpoint {latest} in {self.ckpt.directory} is an RL step but holds no reference model '
                        "('ref'); resume from an earlier step or start a new workdir")
@@ -149,8 +187,12 @@ class Trainer:
     run = self.run_cfg
     total = run.loop.total_steps
     done, stage, state, ref, meta = self.restore_or_init()
-    writer = metrics_lib.MetricsWriter(self.workdir, total, done)
+    if self._already_done(done, total):
+      self.ckpt.close()
+      return {'already_complete': 1.0}
+    writer = metrics_lib.MetricsWriter(self.workdir, total, done, drop_after=done)
     guard = ckpt_lib.PreemptionGuard()
+    streak = SkipStreak(self.config.train.max_skipped_updates)
     extra = {k: meta[k] for k in ('eval_before',) if k in meta}
     try:
       if done:
@@ -194,16 +236,19 @@ class Trainer:
         if float(m.get('skipped', 0.0)) > 0:
           _say(f'step {outer}: {int(float(m["skipped"]))} optimizer update(s) skipped (non-finite loss or '
                'gradient)', writer)
+        streak.update(float(m.get('skipped', 0.0)), 1 if stage == 'sft' else run.rl.updates_per_rollout, outer)
         writer.advance(1, stage)
         if not bool(all_finite(state.params)):
           _say(f'step {outer}: non-finite parameters; stopping without saving', writer)
           raise FloatingPointError(f'non-finite parameters at step {outer}')
-        stop = guard.requested or (run.loop.stop_after and outer >= run.loop.stop_after)
+        signalled = _any_host(guard.requested)
+        stop = signalled or (run.loop.stop_after and outer >= run.loop.stop_after)
         if self.ckpt.should_save(outer) or stop or outer == total:
           self._save(outer, stage, state, ref, extra, force=bool(stop))
         if stop:
           self.ckpt.wait()
-          raise Preempted(f'stopped after step {outer} (checkpoint saved)')
+          raise Preempted(f'stopped after step {outer} (checkpoint saved)', outer,
+                          (guard.signum or signal.SIGTERM) if signalled else None)
       ev = self.evaluate(state.params, total)
       if ev:
         writer.write(total, ev, stage='eval')
@@ -218,6 +263,21 @@ class Trainer:
       guard.close()
       writer.close()
       self.ckpt.close()
+
+  def _already_done(self, done: int, total: int) -> bool:
+    """True (and says so) when the restored step leaves nothing to do; warns when it lies beyond the total."""
+    if done < total:
+      return False
+    if done > total:
+      _say(f'WARNING: checkpoint step {done} in {self.ckpt.directory} is beyond this run\'s {total} steps '
+           f'(train.sft_steps + train.rl_steps): nothing to train. Raise the step counts to continue, or use a '
+           'new --workdir.')
+    export = os.path.join(self.workdir, 'hf_export', 'config.json')
+    if self.run_cfg.loop.export_hf and not os.path.exists(export):
+      return False      # finished training but not the export (killed during it): finish that
+    _say(f'this run is already complete: {self.ckpt.directory} holds step {done} of {total}. Use a new --workdir '
+         'for a new run, or raise train.sft_steps / train.rl_steps to train further.')
+    return True
 
   def _data_metrics(self) -> Dict[str, float]:
     return train_data.bad_input_metrics(self.sft_data, self.rl_data)
@@ -238,11 +298,31 @@ class Trainer:
       _say(f'exported the policy as an HF checkpoint to {out}', writer)
 
 
+def _remove_if_empty(workdir: str) -> None:
+  """Removes `workdir` if it holds nothing but empty folders (what a run that failed at start leaves)."""
+  if jax.process_index() != 0 or not os.path.isdir(workdir):
+    return
+  for root, dirs, files in os.walk(workdir):
+    if files:
+      return
+  import shutil
+  shutil.rmtree(workdir, ignore_errors=True)
+
+
 def run(config, workdir: str) -> Dict[str, float]:
-  """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics."""
+  """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics.
+  A run that fails before writing anything removes the workdir it created."""
+  existed = os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
-  out = Trainer(config, workdir).run()
+  try:
+    out = Trainer(config, workdir).run()
+  except BaseException:
+    if not existed:
+      _remove_if_empty(workdir)
+    raise
+  if out.get('already_complete'):
+    return out
   _say(f'done in {time.time() - t0:.0f} s; metrics in {os.path.join(workdir, "metrics.jsonl")}, TensorBoard: '
        f'tensorboard --logdir {os.path.join(workdir, "tb")}')
   return out
