@@ -99,6 +99,19 @@ def _short(e: BaseException) -> str:
   return ' <- '.join(parts)
 
 
+def newest_step(workdir: str) -> Optional[int]:
+  """The newest step of <workdir>/checkpoints that looks complete (its state, meta and Orbax commit files are
+  there), without opening Orbax; None if there is none. A cheap peek: the restore checks the data itself."""
+  d = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(d):
+    return None
+  for step in sorted((int(s) for s in os.listdir(d) if s.isdigit()), reverse=True):
+    parts = [os.path.join(d, str(step), x) for x in ('state', 'meta', '_CHECKPOINT_METADATA')]
+    if all(os.path.exists(p) for p in parts):
+      return step
+  return None
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for this project's three items."""
 

@@ -129,8 +129,8 @@ class Trainer:
       params = self._params_from_orbax(self.config.model.init_checkpoint, params)
     first_stage = 'sft' if self.run_cfg.loop.sft_steps else 'rl'
 
-    def templates(step):
-      stage = self.stage_of(step)
+    def templates(step):   # the stage a step was saved in (its meta), so a step beyond the total restores too
+      stage = self.ckpt.read_meta(step).get('stage') or self.stage_of(step)
       return self.new_state(stage, params), (train_init.reference_of(params) if stage == 'rl' else None)
 
     found = self.ckpt.restore_newest_intact(templates)
@@ -138,7 +138,7 @@ class Trainer:
       ref = train_init.reference_of(params) if first_stage == 'rl' else None
       return 0, first_stage, self.new_state(first_stage, params), ref, {}
     latest, state, ref, meta = found
-    stage = self.stage_of(latest)
+    stage = meta.get('stage') or self.stage_of(latest)
     if stage == 'rl' and ref is None:
       raise ValueError(f'checkpoint {latest} in {self.ckpt.directory} is an RL step but holds no reference model '
                        "('ref'); resume from an earlier step or start a new workdir")
@@ -265,19 +265,7 @@ class Trainer:
       self.ckpt.close()
 
   def _already_done(self, done: int, total: int) -> bool:
-    """True (and says so) when the restored step leaves nothing to do; warns when it lies beyond the total."""
-    if done < total:
-      return False
-    if done > total:
-      _say(f'WARNING: checkpoint step {done} in {self.ckpt.directory} is beyond this run\'s {total} steps '
-           f'(train.sft_steps + train.rl_steps): nothing to train. Raise the step counts to continue, or use a '
-           'new --workdir.')
-    export = os.path.join(self.workdir, 'hf_export', 'config.json')
-    if self.run_cfg.loop.export_hf and not os.path.exists(export):
-      return False      # finished training but not the export (killed during it): finish that
-    _say(f'this run is already complete: {self.ckpt.directory} holds step {done} of {total}. Use a new --workdir '
-         'for a new run, or raise train.sft_steps / train.rl_steps to train further.')
-    return True
+    return already_done(done, total, self.workdir, self.run_cfg.loop.export_hf)
 
   def _data_metrics(self) -> Dict[str, float]:
     return train_data.bad_input_metrics(self.sft_data, self.rl_data)
@@ -298,6 +286,21 @@ class Trainer:
       _say(f'exported the policy as an HF checkpoint to {out}', writer)
 
 
+def already_done(done: int, total: int, workdir: str, export_hf: bool) -> bool:
+  """True (and says so) when the restored step leaves nothing to do; warns when it lies beyond the total."""
+  if done < total:
+    return False
+  ckpts = os.path.join(workdir, 'checkpoints')
+  if done > total:
+    _say(f'WARNING: checkpoint step {done} in {ckpts} is beyond this run\'s {total} steps (train.sft_steps + '
+         'train.rl_steps): nothing to train. Raise the step counts to continue, or use a new --workdir.')
+  if export_hf and not os.path.exists(os.path.join(workdir, 'hf_export', 'config.json')):
+    return False      # finished training but not the export (killed during it): finish that
+  _say(f'this run is already complete: {ckpts} holds step {done} of {total}. Use a new --workdir for a new run, or '
+       'raise train.sft_steps / train.rl_steps to train further.')
+  return True
+
+
 def _remove_if_empty(workdir: str) -> None:
   """Removes `workdir` if it holds nothing but empty folders (what a run that failed at start leaves)."""
   if jax.process_index() != 0 or not os.path.isdir(workdir):
@@ -313,6 +316,10 @@ def run(config, workdir: str) -> Dict[str, float]:
   """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics.
   A run that fails before writing anything removes the workdir it created."""
   existed = os.path.exists(workdir)
+  newest = ckpt_lib.newest_step(workdir) if existed else None
+  if newest is not None and already_done(newest, config.train.sft_steps + config.train.rl_steps, workdir,
+                                         config.train.export_hf):
+    return {'already_complete': 1.0}   # known before building anything (a model, the data pipelines)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   try:
