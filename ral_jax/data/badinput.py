@@ -16,7 +16,9 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
 
 REASONS = ('malformed_record', 'missing_answer', 'missing_target', 'missing_media', 'corrupt_media',
            'unsupported_media', 'zero_frames', 'prompt_over_budget', 'media_over_budget', 'target_over_budget', 'processing_error')
@@ -51,6 +53,7 @@ class BadInputCounter:
     self.by_reason: Dict[str, int] = collections.Counter()
     self.seen = {stage: collections.Counter() for stage in STAGES}   # stage -> source -> count
     self.bad_seen = {stage: collections.Counter() for stage in STAGES}
+    self.stage_reasons = {stage: collections.Counter() for stage in STAGES}   # stage -> reason -> count
     self._logged = set()
     self._parsed = set()
 
@@ -72,6 +75,7 @@ class BadInputCounter:
     source = err.source if source is None else source
     with self._lock:
       self.by_reason[err.reason] += 1
+      self.stage_reasons[stage][err.reason] += 1
       self.seen[stage][source] += 1
       self.bad_seen[stage][source] += 1
       first = err.reason not in self._logged
@@ -104,6 +108,39 @@ class BadInputCounter:
       return {f: {'records': self.seen['parse'][f], 'seen': self.seen['process'][f],
                   'bad': self.bad_seen['parse'][f] + self.bad_seen['process'][f],
                   'bad_fraction': max(self.fraction(f, 'parse'), self.fraction(f, 'process'))} for f in files}
+
+  def to_vector(self, files: Sequence[str]) -> np.ndarray:
+    """Counts as one float vector (per stage: seen and bad of each of `files`, then each reason of REASONS), for
+    gathering across hosts; `from_vectors` inverts it."""
+    with self._lock:
+      out = [float(c[f]) for stage in STAGES for c in (self.seen[stage], self.bad_seen[stage]) for f in files]
+      out += [float(self.stage_reasons[stage][r]) for stage in STAGES for r in REASONS]
+    return np.asarray(out, np.float64)
+
+  @classmethod
+  def from_vectors(cls, vectors: np.ndarray, files: Sequence[str], max_bad_fraction: float = 1.0,
+                   min_records: int = 32) -> 'BadInputCounter':
+    """The run-wide counter of several hosts' `to_vector`s ([hosts, K]): each host parses every manifest line, so
+    the parse stage is host 0's; each host processes only its own rows, so the process stage is summed."""
+    out = cls(max_bad_fraction, min_records)
+    vectors = np.asarray(vectors, np.float64)
+    merged = {'parse': vectors[0], 'process': vectors.sum(axis=0)}
+    nf = len(files)
+    for i, stage in enumerate(STAGES):
+      v = merged[stage]
+      for j, f in enumerate(files):
+        out.seen[stage][f] = int(round(v[2 * i * nf + j]))
+        out.bad_seen[stage][f] = int(round(v[(2 * i + 1) * nf + j]))
+      base = 2 * len(STAGES) * nf + i * len(REASONS)
+      for j, r in enumerate(REASONS):
+        if v[base + j]:
+          out.stage_reasons[stage][r] = int(round(v[base + j]))
+          out.by_reason[r] += int(round(v[base + j]))
+    return out
+
+  def files(self) -> List[str]:
+    with self._lock:
+      return sorted(set(self.seen['parse']) | set(self.seen['process']))
 
   def metrics(self, prefix: str = 'data/') -> Dict[str, float]:
     """Scalars for the metric writers: records (lines parsed, each file once), seen (elements processed), bad

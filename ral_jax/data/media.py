@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ral_jax import paths
 from ral_jax.data.badinput import BadRecord
 
 SEEK_SPARSITY = 8  # seek when the clip has at least this many frames per sampled frame
@@ -40,8 +40,13 @@ class VideoConfig:
 
 
 def _check_exists(path: str) -> None:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise BadRecord('missing_media', f'no such file {path}')
+
+
+def _source(path: str):
+  """What Pillow / PyAV open: the path, or a file object for a URL (gs://...)."""
+  return paths.open(path, 'rb') if paths.is_remote(path) else path
 
 
 def load_image(path: str) -> np.ndarray:
@@ -49,7 +54,7 @@ def load_image(path: str) -> np.ndarray:
   from PIL import Image
   _check_exists(path)
   try:
-    with Image.open(path) as img:
+    with Image.open(_source(path)) as img:
       w, h = img.size
       if w * h > MAX_IMAGE_PIXELS:
         raise BadRecord('media_over_budget', f'image {path} is {w}x{h} = {w * h} pixels, above the decoding limit '
@@ -78,7 +83,7 @@ def _index(path: str):
   """(native fps, presentation-ordered frame pts or None, keyframe pts or None, frame count) from one demux pass
   (no decoding). The pts lists are None when some packet has no pts (then only sequential decoding is used)."""
   import av
-  with av.open(path) as c:
+  with av.open(_source(path)) as c:
     if not c.streams.video:
       raise BadRecord('zero_frames', f'{path} has no video stream')
     s = c.streams.video[0]
@@ -101,7 +106,7 @@ def _decode_seek(path: str, keep: np.ndarray, pts: np.ndarray, keys: np.ndarray)
   decodes sequentially)."""
   import av
   out = {}
-  with av.open(path) as c:
+  with av.open(_source(path)) as c:
     s = c.streams.video[0]
     s.thread_type = 'AUTO'
     frames, last = None, None
@@ -131,7 +136,7 @@ def _decode(path: str, keep: np.ndarray) -> Tuple[List[np.ndarray], int]:
   """The frames at sorted indices `keep` (repeats allowed) and the number of frames decoded."""
   import av
   out, want, i = [], list(keep), 0
-  with av.open(path) as c:
+  with av.open(_source(path)) as c:
     s = c.streams.video[0]
     s.thread_type = 'AUTO'
     for frame in c.decode(s):

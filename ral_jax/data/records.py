@@ -8,7 +8,8 @@ Two formats, picked by file extension:
   *.jsonl  one JSON object a line: {id, question, options (bare or lettered), answer, problem_type (default
            'multiple choice' with options, else 'free-form'), images: [paths] | image: path | video: path,
            target (optional SFT response)}.
-Media paths are relative to `data_root` (default: the manifest's directory); absolute paths are kept.
+Media paths are relative to `data_root` (default: the manifest's directory); absolute paths and URLs are kept.
+Manifests and media may live on gs:// (ral_jax.paths).
 A malformed line / record or a missing answer is counted as bad (BadInputCounter) and skipped; an empty or
 unreadable manifest raises DataError naming the file. Text must be valid UTF-8: a .jsonl line with raw non-UTF-8
 bytes, or any record string holding a lone surrogate (JSON `"\ud800"`, or a raw bad byte of a .json file), is a
@@ -22,6 +23,7 @@ import os
 import re
 from typing import List, Optional, Sequence, Tuple
 
+from ral_jax import paths
 from ral_jax.data.badinput import BadInputCounter, BadRecord, DataError
 
 _ANSWER_RE = re.compile(r'<answer>(.*?)</answer>', re.DOTALL)
@@ -41,7 +43,9 @@ class Example:
 
 
 def _media_path(root: str, p: str) -> str:
-  return p if os.path.isabs(p) else os.path.normpath(os.path.join(root, p))
+  if paths.isabs(p):
+    return p
+  return paths.join(root, p) if paths.is_remote(root) else os.path.normpath(os.path.join(root, p))
 
 
 def _video_r1(rec: dict, root: str, source: str) -> Example:
@@ -82,10 +86,9 @@ def _jsonl(rec: dict, root: str, source: str, line: int) -> Example:
 
 def load_manifest(path: str, counter: BadInputCounter, data_root: Optional[str] = None) -> List[Example]:
   """All good records of one manifest; bad ones counted in `counter` (the file's bad fraction is checked)."""
-  root = data_root or os.path.dirname(os.path.abspath(path))
+  root = data_root or paths.dirname(paths.abspath(path))
   try:
-    with open(path, 'rb') as f:
-      raw = f.read()
+    raw = paths.read_bytes(path)
   except OSError as e:
     raise DataError(f'cannot read manifest {path}: {e}') from e
   out = []

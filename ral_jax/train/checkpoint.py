@@ -25,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ral_jax import paths
 from ral_jax.train.state import all_finite
 
 
@@ -102,12 +103,12 @@ def _short(e: BaseException) -> str:
 def newest_step(workdir: str) -> Optional[int]:
   """The newest step of <workdir>/checkpoints that looks complete (its state, meta and Orbax commit files are
   there), without opening Orbax; None if there is none. A cheap peek: the restore checks the data itself."""
-  d = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(d):
+  d = paths.join(workdir, 'checkpoints')
+  if not paths.isdir(d):
     return None
-  for step in sorted((int(s) for s in os.listdir(d) if s.isdigit()), reverse=True):
-    parts = [os.path.join(d, str(step), x) for x in ('state', 'meta', '_CHECKPOINT_METADATA')]
-    if all(os.path.exists(p) for p in parts):
+  for step in sorted((int(s) for s in paths.listdir(d) if s.isdigit()), reverse=True):
+    parts = [paths.join(d, str(step), x) for x in ('state', 'meta', '_CHECKPOINT_METADATA')]
+    if all(paths.exists(p) for p in parts):
       return step
   return None
 
@@ -116,7 +117,7 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for this project's three items."""
 
   def __init__(self, workdir: str, every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.directory = paths.abspath(paths.join(workdir, 'checkpoints'))
     self.every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
                                            enable_async_checkpointing=async_save)
@@ -145,7 +146,7 @@ class Checkpointer:
   def restore(self, step: int, state_like, ref_like=None) -> tuple[Any, Any, dict]:
     """Restores (state, ref or None, meta) at `step` onto the shardings of the given templates."""
     items = {'state': ocp.args.StandardRestore(abstract_like(state_like)), 'meta': ocp.args.JsonRestore()}
-    has_ref = os.path.isdir(os.path.join(self.directory, str(step), 'ref'))
+    has_ref = paths.isdir(paths.join(self.directory, str(step), 'ref'))
     if ref_like is not None and has_ref:
       items['ref'] = ocp.args.StandardRestore(abstract_like(ref_like))
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -155,10 +156,10 @@ class Checkpointer:
 
   def problem(self, step: int) -> Optional[str]:
     """A cheap structural check of one step directory: the reason it cannot be restored, or None."""
-    d = os.path.join(self.directory, str(step))
+    d = paths.join(self.directory, str(step))
     for item in ('state', 'meta'):
-      if not os.path.isdir(os.path.join(d, item)):
-        return f"its '{item}' item is missing" + (' (the directory is empty)' if not os.listdir(d) else '')
+      if not paths.isdir(paths.join(d, item)):
+        return f"its '{item}' item is missing" + (' (the directory is empty)' if not paths.listdir(d) else '')
     return None
 
   def restore_newest_intact(self, templates, max_step: Optional[int] = None):
@@ -198,12 +199,12 @@ class Checkpointer:
       return
     if jax.process_index() == 0:
       for step in steps:
-        src = os.path.join(self.directory, str(step))
+        src = paths.join(self.directory, str(step))
         dst = src + '.damaged'
         n = 1
-        while os.path.exists(dst):
+        while paths.exists(dst):
           dst, n = f'{src}.damaged{n}', n + 1
-        os.rename(src, dst)
+        paths.rename(src, dst)
         logging.warning('moved damaged checkpoint %s to %s', src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils

@@ -7,13 +7,16 @@ batch / process_count rows of its own shard (data.pipeline shards records by hos
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
-import os
+import json
 from typing import Dict, List, Tuple
 
 import jax
+import numpy as np
 from absl import logging
 
+from ral_jax import paths
 from ral_jax.data import pipeline as pipeline_lib
 from ral_jax.data import synthetic
 from ral_jax.data.badinput import BadInputCounter
@@ -24,21 +27,23 @@ from ral_jax.train.config import synthetic_tasks
 
 
 def ensure_synthetic(config, workdir: str) -> Tuple[str, str]:
-  """Writes <workdir>/synthetic/{train,heldout}.jsonl (+ media) once (process 0); returns their paths."""
+  """Writes <workdir>/synthetic/{train,heldout}.jsonl (+ media) once (process 0; the others wait at a barrier);
+  returns their paths. The workdir may be a gs:// URL (ral_jax.paths)."""
   d = config.data
-  out = os.path.join(workdir, 'synthetic')
-  train, heldout = os.path.join(out, 'train.jsonl'), os.path.join(out, 'heldout.jsonl')
-  done = os.path.join(out, 'DONE')
-  if jax.process_index() == 0 and not os.path.exists(done):
+  out = paths.join(workdir, 'synthetic')
+  train, heldout = paths.join(out, 'train.jsonl'), paths.join(out, 'heldout.jsonl')
+  done = paths.join(out, 'DONE')
+  if jax.process_index() == 0 and not paths.exists(done):
     knobs = synthetic.Knobs(image_size=d.image_size, video_size=d.video_size, video_frames=d.video_frames,
                             object_size=d.object_size, num_distractors=d.num_distractors, fps=d.fps)
     tasks = synthetic_tasks(d.task)
     logging.info('writing synthetic tasks %s to %s', tasks, out)
-    os.makedirs(out, exist_ok=True)
-    synthetic.write_split(out, 'train', tasks, d.num_train, d.synthetic_seed, knobs)
-    synthetic.write_split(out, 'heldout', tasks, d.num_eval, d.synthetic_seed, knobs)
-    with open(done, 'w') as f:
-      f.write('ok\n')
+    print(f'writing synthetic tasks {",".join(tasks)} ({d.num_train} train, {d.num_eval} held-out) to {out}',
+          flush=True)
+    with paths.staged_dir(out) as local:   # media are written by PyAV / Pillow: local files, uploaded if remote
+      synthetic.write_split(local, 'train', tasks, d.num_train, d.synthetic_seed, knobs)
+      synthetic.write_split(local, 'heldout', tasks, d.num_eval, d.synthetic_seed, knobs)
+    paths.write_text(done, 'ok\n')   # last: a reader that sees DONE sees every file
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('synthetic data written')
@@ -84,11 +89,65 @@ class StageData:
   def next(self) -> Dict:
     return next(self.iterator)
 
+  rows: int = 0                # this host's rows per batch (global batch / process count)
+
   def get_state(self):
     return self.iterator.get_state()
 
   def set_state(self, state):
     self.iterator.set_state(state)
+
+  def export_state(self) -> Dict:
+    """Every host's iterator state (a collective), JSON-ready, for the checkpoint's meta (written by process 0):
+    {'hosts': H, 'rows': rows per host, 'states': [state of process 0, ...]}."""
+    return {'hosts': jax.process_count(), 'rows': self.rows, 'states': _allgather_json(self.get_state())}
+
+  def import_state(self, saved) -> None:
+    """Restores this host's position from `export_state` output, also when it was saved by another number of
+    hosts: the global batches are the same on any host count (data.pipeline.HostRows), so the position becomes
+    'after global batch g' with g = ceil(max over old hosts of elements read / old rows), then g * new rows."""
+    if not (isinstance(saved, dict) and 'states' in saved):   # a checkpoint from before per-host states
+      self.set_state(saved)
+      return
+    hosts, states = int(saved['hosts']), [_from_json(x) for x in saved['states']]
+    if hosts == jax.process_count():
+      self.set_state(states[jax.process_index()])
+      return
+    if not all(isinstance(x, dict) and set(x) == {'next_index'} for x in states):
+      raise ValueError(f'the data position was saved by {hosts} hosts with Grain worker processes; it can only be '
+                       f'moved to {jax.process_count()} hosts with data.num_workers=0 (or resume on {hosts} hosts)')
+    batches = -(-max(int(x['next_index']) for x in states) // int(saved['rows']))
+    self.set_state({'next_index': batches * self.rows})
+    logging.warning('data position saved by %d hosts moved to %d hosts: after global batch %d', hosts,
+                    jax.process_count(), batches)
+
+
+def _to_json(obj) -> str:
+  return json.dumps(obj, default=lambda b: {'__bytes__': base64.b64encode(b).decode('ascii')})
+
+
+def _from_json(obj):
+  if isinstance(obj, dict):
+    if set(obj) == {'__bytes__'}:
+      return base64.b64decode(obj['__bytes__'])
+    return {k: _from_json(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_from_json(v) for v in obj]
+  return obj
+
+
+def _allgather_json(obj) -> List:
+  """[obj of process 0, obj of process 1, ...] (JSON-encoded; bytes as {'__bytes__': base64})."""
+  text = _to_json(obj)
+  if jax.process_count() == 1:
+    return [json.loads(text)]
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(text.encode('utf-8'), np.uint8)
+  n = int(np.asarray(multihost_utils.process_allgather(np.asarray([len(raw)], np.int32))).max())
+  padded = np.zeros(n, np.uint8)
+  padded[:len(raw)] = raw
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), n)
+  return [json.loads(bytes(r).rstrip(b'\0').decode('utf-8')) for r in rows]
 
 
 def make_counter(config) -> BadInputCounter:
@@ -98,8 +157,9 @@ def make_counter(config) -> BadInputCounter:
 
 
 def make_stage_data(config, model_cfg, files, batch_size: int, stage: str, counter=None) -> StageData:
-  p = pipeline_lib.make_pipeline(data_config(config, model_cfg, files, batch_size, stage), model_cfg, counter)
-  return StageData(p, iter(p.dataset))
+  dcfg = data_config(config, model_cfg, files, batch_size, stage)
+  p = pipeline_lib.make_pipeline(dcfg, model_cfg, counter)
+  return StageData(p, iter(p.dataset), dcfg.batch_size)
 
 
 def eval_batches(config, model_cfg, files, num_examples: int, batch_size: int, counter=None) -> List[Dict]:
@@ -116,11 +176,27 @@ def eval_batches(config, model_cfg, files, num_examples: int, batch_size: int, c
 
 
 def bad_input_metrics(*datas: StageData) -> Dict[str, float]:
-  """Bad-input metrics of the stages' counters, each distinct counter once (stages of a run share one)."""
+  """Bad-input metrics of the stages' counters, each distinct counter once (stages of a run share one), over all
+  hosts (`gather_counter`)."""
   out, done = {}, set()
   for d in datas:
     if d is not None and id(d.pipeline.counter) not in done:
       done.add(id(d.pipeline.counter))
-      for k, v in d.pipeline.counter.metrics().items():
+      for k, v in gather_counter(d.pipeline.counter).metrics().items():
         out[k] = max(out.get(k, 0.0), float(v)) if k.endswith('bad_fraction') else out.get(k, 0.0) + float(v)
   return out
+
+
+def gather_counter(counter: BadInputCounter) -> BadInputCounter:
+  """The run-wide counts of one counter held by every host (a collective: every process calls it at the same
+  step). Single process: the counter itself."""
+  if jax.process_count() == 1:
+    return counter
+  from jax.experimental import multihost_utils
+  files = counter.files()   # the same manifests on every host: each parses all of them
+  vec = counter.to_vector(files)
+  sizes = multihost_utils.process_allgather(np.asarray([len(vec)], np.int32))
+  if len(set(np.asarray(sizes).ravel().tolist())) != 1:
+    raise RuntimeError(f'hosts read different manifest sets (count vectors of sizes {np.asarray(sizes).ravel()})')
+  vectors = np.asarray(multihost_utils.process_allgather(vec.astype(np.float32)))
+  return BadInputCounter.from_vectors(vectors, files, counter.max_bad_fraction, counter.min_records)

@@ -17,6 +17,7 @@ from absl import logging
 
 from ral_jax.train import checkpoint as ckpt_lib
 from ral_jax import metrics as metrics_lib
+from ral_jax import paths
 from ral_jax.train import config as rc
 from ral_jax.train import stages
 from ral_jax.train import data as train_data
@@ -144,7 +145,7 @@ class Trainer:
                        "('ref'); resume from an earlier step or start a new workdir")
     for name, data in (('sft', self.sft_data), ('rl', self.rl_data)):
       if data is not None and name in meta.get('data_state', {}):
-        data.set_state(meta['data_state'][name])
+        data.import_state(meta['data_state'][name])
     return latest, stage, state, ref, meta
 
   def _params_from_orbax(self, directory: str, like):
@@ -164,14 +165,15 @@ class Trainer:
     data_state = {}
     for name, data in (('sft', self.sft_data), ('rl', self.rl_data)):
       if data is not None:
-        data_state[name] = data.get_state()
+        data_state[name] = data.export_state()   # every host's position (a collective)
     meta = dict(extra, outer_step=outer, stage=stage, data_state=data_state)
     self.ckpt.save(outer, state, meta, ref=ref if stage == 'rl' else None, force=force)
 
   def evaluate(self, params, outer: int) -> Dict[str, float]:
     if not self.eval_batches:
       return {}
-    return stages.evaluate(self.ctx, params, self.eval_batches, jax.random.fold_in(self.base_rng, 10 ** 9 + outer))
+    ev = stages.evaluate(self.ctx, params, self.eval_batches, jax.random.fold_in(self.base_rng, 10 ** 9 + outer))
+    return metrics_lib.gather_host_metrics(ev)   # each host scored its own rows: the run-wide accuracy
 
   def heatmaps(self, params, outer: int, tag: str, writer):
     """Attention heat maps of the first held-out examples (ral_jax/eval/attention.py): PNGs + TensorBoard."""
@@ -180,8 +182,9 @@ class Trainer:
       return
     from ral_jax.eval import attention
     rl = self.run_cfg.rl
-    attention.snapshot(self.ctx, params, self.eval_batches[0], os.path.join(self.workdir, 'attention'), tag,
-                       step=outer, examples=range(n), tb_writer=writer.tb, layer=rl.record_layers[0], rows=rl.rows)
+    with paths.staged_dir(paths.join(self.workdir, 'attention')) as out:   # PNGs: local, uploaded if remote
+      attention.snapshot(self.ctx, params, self.eval_batches[0], out, tag, step=outer, examples=range(n),
+                         tb_writer=writer.tb, layer=rl.record_layers[0], rows=rl.rows)
 
   def run(self) -> Dict[str, float]:
     run = self.run_cfg
@@ -223,7 +226,7 @@ class Trainer:
           state, m, texts = stages.rl_step(self.ctx, steps, state, ref, self.rl_data.next(), rng)
           if outer % max(run.loop.log_every * 10, 1) == 0 or outer == done + 1:
             logging.info('step %d sample response: %r', outer, texts[0][:300])
-        m = dict(m)
+        m = metrics_lib.gather_host_metrics(m)   # rewards, lengths, times: computed per host
         m.update(self._data_metrics())
         now = time.perf_counter()
         m['time/step_wall'], t_prev = now - t_prev, now
@@ -272,29 +275,45 @@ class Trainer:
 
   def export(self, params, writer=None):
     """The policy as an HF checkpoint directory (config.json, safetensors, tokenizer files) in <workdir>/hf_export."""
-    import glob
-    import shutil
-    from ral_jax.models import hf_io
-    out = os.path.join(self.workdir, 'hf_export')
-    if jax.process_index() == 0:
-      hf_io.save_hf(jax.device_get(params), self.model_cfg, out, max_shard_bytes=4 << 30)
-      tok_dir = self.config.data.tokenizer or self.config.model.hf_checkpoint or tokenizer_lib.EMBEDDED_DIR
-      for f in glob.glob(os.path.join(tok_dir, '*')):
-        name = os.path.basename(f)
-        if os.path.isfile(f) and ('token' in name or 'chat_template' in name or name in ('vocab.json', 'merges.txt')):
-          shutil.copy(f, os.path.join(out, name))
-      _say(f'exported the policy as an HF checkpoint to {out}', writer)
+    out = paths.join(self.workdir, 'hf_export')
+    tok_dir = self.config.data.tokenizer or self.config.model.hf_checkpoint or tokenizer_lib.EMBEDDED_DIR
+    export_policy(params, self.model_cfg, tok_dir, out)
+    _say(f'exported the policy as an HF checkpoint to {out}', writer)
+
+
+def host_params(params):
+  """Parameters as host numpy arrays; multi-host, an all-gather every process takes part in."""
+  if jax.process_count() == 1:
+    return jax.device_get(params)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(params, tiled=True)
+
+
+def export_policy(params, model_cfg, tok_dir: str, out: str) -> None:
+  """Writes params as an HF checkpoint (+ the tokenizer files of `tok_dir`) to `out` (local or gs://); called
+  by every process, written by process 0."""
+  from ral_jax.models import hf_io
+  host = host_params(params)
+  if jax.process_index() != 0:
+    return
+  with paths.staged_dir(out) as local:
+    hf_io.save_hf(host, model_cfg, local, max_shard_bytes=4 << 30)
+    for name in paths.listdir(tok_dir):
+      src = paths.join(tok_dir, name)
+      if paths.isfile(src) and ('token' in name or 'chat_template' in name or name in ('vocab.json', 'merges.txt')):
+        with open(os.path.join(local, name), 'wb') as f:
+          f.write(paths.read_bytes(src))
 
 
 def already_done(done: int, total: int, workdir: str, export_hf: bool) -> bool:
   """True (and says so) when the restored step leaves nothing to do; warns when it lies beyond the total."""
   if done < total:
     return False
-  ckpts = os.path.join(workdir, 'checkpoints')
+  ckpts = paths.join(workdir, 'checkpoints')
   if done > total:
     _say(f'WARNING: checkpoint step {done} in {ckpts} is beyond this run\'s {total} steps (train.sft_steps + '
          'train.rl_steps): nothing to train. Raise the step counts to continue, or use a new --workdir.')
-  if export_hf and not os.path.exists(os.path.join(workdir, 'hf_export', 'config.json')):
+  if export_hf and not paths.exists(paths.join(workdir, 'hf_export', 'config.json')):
     return False      # finished training but not the export (killed during it): finish that
   _say(f'this run is already complete: {ckpts} holds step {done} of {total}. Use a new --workdir for a new run, or '
        'raise train.sft_steps / train.rl_steps to train further.')
@@ -303,24 +322,21 @@ def already_done(done: int, total: int, workdir: str, export_hf: bool) -> bool:
 
 def _remove_if_empty(workdir: str) -> None:
   """Removes `workdir` if it holds nothing but empty folders (what a run that failed at start leaves)."""
-  if jax.process_index() != 0 or not os.path.isdir(workdir):
+  if jax.process_index() != 0 or not paths.isdir(workdir):
     return
-  for root, dirs, files in os.walk(workdir):
-    if files:
-      return
-  import shutil
-  shutil.rmtree(workdir, ignore_errors=True)
+  if next(paths.walk_files(workdir), None) is None:
+    paths.rmtree(workdir)
 
 
 def run(config, workdir: str) -> Dict[str, float]:
   """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics.
   A run that fails before writing anything removes the workdir it created."""
-  existed = os.path.exists(workdir)
+  existed = paths.exists(workdir)
   newest = ckpt_lib.newest_step(workdir) if existed else None
   if newest is not None and already_done(newest, config.train.sft_steps + config.train.rl_steps, workdir,
                                          config.train.export_hf):
     return {'already_complete': 1.0}   # known before building anything (a model, the data pipelines)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   t0 = time.time()
   try:
     out = Trainer(config, workdir).run()
@@ -330,6 +346,6 @@ def run(config, workdir: str) -> Dict[str, float]:
     raise
   if out.get('already_complete'):
     return out
-  _say(f'done in {time.time() - t0:.0f} s; metrics in {os.path.join(workdir, "metrics.jsonl")}, TensorBoard: '
-       f'tensorboard --logdir {os.path.join(workdir, "tb")}')
+  _say(f'done in {time.time() - t0:.0f} s; metrics in {paths.join(workdir, "metrics.jsonl")}, TensorBoard: '
+       f'tensorboard --logdir {paths.join(workdir, "tb")}')
   return out
