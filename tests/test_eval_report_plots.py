@@ -52,7 +52,7 @@ def test_write_json_markdown_predictions(tmp_path):
   data = json.load(open(paths['json']))
   assert data['method'] == 'GRPO' and data['benchmarks']['nextqa']['accuracy'] == 75.0
   md = open(paths['markdown']).read()
-  assert '| GRPO | - | 75.0 |' in md and '### nextqa: 75.0% of 4 (1 bad records skipped' in md
+  assert '| GRPO | - | 75.0 |' in md and '### nextqa: 75.0 (accuracy); 4 of 5 items scored (1 skipped' in md
   assert '| short | 50.0 | 2 |' in md
   assert len(open(paths['nextqa']).read().splitlines()) == 4
 
