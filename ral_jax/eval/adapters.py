@@ -87,7 +87,7 @@ def benchmarks() -> List[str]:
 
 
 def _import_parsers():
-  from ral_jax.eval import adapters_image, adapters_video  # noqa: F401  (they register themselves)
+  from ral_jax.eval import adapters_image, adapters_open, adapters_video  # noqa: F401  (they register themselves)
 
 
 @dataclasses.dataclass
@@ -98,14 +98,21 @@ class Context:
   source: str
   index: int
   extra: dict = dataclasses.field(default_factory=dict)
+  cache_dir: str = ''   # where embedded media are written (never the dataset folder, which may be read-only)
+
+
+def default_cache_dir() -> str:
+  """$RAL_EVAL_CACHE, else ~/.cache/ral_jax/eval_media."""
+  return os.environ.get('RAL_EVAL_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'ral_jax', 'eval_media')
 
 
 def load_benchmark(name: str, annotation: str, media_root: Optional[str] = None,
-                   limit: Optional[int] = None) -> AdapterResult:
+                   limit: Optional[int] = None, cache_dir: Optional[str] = None) -> AdapterResult:
   """Reads `annotation` (a file, or a directory for per-task benchmarks) with the adapter named `name`.
 
   media_root: directory the records' relative media paths are resolved against (default: the annotation's
-  directory). limit: stop after this many good records.
+  directory). limit: stop after this many good records. cache_dir: where media embedded in the annotation files
+  (parquet image cells) are written (default: default_cache_dir()).
   """
   _import_parsers()
   if name not in _REGISTRY:
@@ -116,7 +123,7 @@ def load_benchmark(name: str, annotation: str, media_root: Optional[str] = None,
   root = media_root or (annotation if os.path.isdir(annotation) else os.path.dirname(os.path.abspath(annotation)))
   records, bad, seen = [], collections.Counter(), set()
   for raw, ctx in reader(annotation):
-    ctx.benchmark, ctx.media_root = name, root
+    ctx.benchmark, ctx.media_root, ctx.cache_dir = name, root, cache_dir or default_cache_dir()
     try:
       if not isinstance(raw, dict):
         raise BadRecord('not an object')
@@ -255,7 +262,8 @@ def media_path(ctx: Context, rel: Any, *prefix: str) -> str:
 
 
 def embedded_image(ctx: Context, value: Any, key: str) -> Optional[str]:
-  """A parquet image cell ({'bytes', 'path'}) or a path string -> a file path (bytes cached under the root)."""
+  """A parquet image cell ({'bytes', 'path'}) or a path string -> a file path (bytes written once under
+  ctx.cache_dir/<benchmark>/, named by their hash)."""
   if value is None:
     return None
   if isinstance(value, str):
@@ -264,7 +272,7 @@ def embedded_image(ctx: Context, value: Any, key: str) -> Optional[str]:
     data = value['bytes']
     ext = os.path.splitext(value.get('path') or '')[1] or '.png'
     name = hashlib.sha1(data).hexdigest()[:16] + ext
-    out = os.path.join(ctx.media_root, '.ral_media_cache', ctx.benchmark, name)
+    out = os.path.join(ctx.cache_dir or default_cache_dir(), ctx.benchmark, name)
     if not os.path.exists(out):
       os.makedirs(os.path.dirname(out), exist_ok=True)
       with open(out + '.tmp', 'wb') as f:

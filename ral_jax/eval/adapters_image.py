@@ -8,21 +8,27 @@ from __future__ import annotations
 import re
 
 from ral_jax.eval.adapters import (BadRecord, Context, as_list, embedded_image, iter_nonempty, letter,
-                                   make_record, media_path, register, row_reader, split_options)
+                                   make_record, register, row_reader)
+from ral_jax.eval.adapters_open import split_options_any
 
 
 @register('vstar', row_reader)
 def vstar(row: dict, ctx: Context) -> dict:
-  """V* Bench (craigwu/vstar_bench, test_questions.jsonl), one JSON object per line:
+  """V* Bench (craigwu/vstar_bench test_questions.jsonl, or lmms-lab/vstar-bench's parquet whose 'image' cell
+  embeds the picture), one row per question:
 
-    {"question_id": 0, "image": "direct_attributes/sa_4690.jpg", "category": "direct_attributes",
+    {"question_id": 0, "image": "direct_attributes/sa_4690.jpg" | <image>, "category": "direct_attributes",
      "text": "What is the color of the woman's shirt?\\n(A) white\\n(B) black\\n...\\nAnswer with the option's
               letter from the given choices directly.", "label": "A"}
-  Categories: direct_attributes, relative_position.
+  Options on their own lines or inline ('... (A) white (B) black'). Categories: direct_attributes,
+  relative_position.
   """
-  question, options = split_options(row['text'])
+  question, options = split_options_any(row['text'])
+  image = embedded_image(ctx, row.get('image'), 'image')
+  if not image:
+    raise BadRecord('missing media path')
   return make_record(row.get('question_id', ctx.index), question, options, letter(row['label'], len(options)),
-                     'image', media_path(ctx, row['image']), {'category': row.get('category')})
+                     'image', image, {'category': row.get('category')})
 
 
 @register('muirbench', row_reader)
@@ -91,8 +97,10 @@ def mmmu_pro(row: dict, ctx: Context) -> dict:
                "topic_difficulty": "Medium", "explanation": "..."}
     vision:   {"id": ..., "image": <screenshot holding the question>, "options": "[...]", "answer": "C",
                "subject": "Art"}
-  Images keep the order of the <image k> tags; the vision config gets a fixed instruction as its question.
-  Categories: subject.
+  Images keep the order of the <image k> tags. The vision config gets a fixed instruction as its question and its
+  options are not written in the prompt (they are in the screenshot; record['show_options'] = False); they still
+  bound the gold letter and let a spelled-out option text score. Categories: subject (and config: standard /
+  vision).
   """
   options = as_list(row['options'])
   if row.get('question'):
@@ -102,11 +110,16 @@ def mmmu_pro(row: dict, ctx: Context) -> dict:
     images = [embedded_image(ctx, row.get(f'image_{k}'), f'image_{k}') for k in order]
     images += [embedded_image(ctx, row.get(f'image_{k}'), f'image_{k}') for k in range(1, 8) if k not in order]
     question = _IMAGE_TAG.sub(lambda m: f'<image {m.group(1)}>', question)
+    vision = False
   else:
     question = 'Answer the question shown in the image.'
     images = [embedded_image(ctx, row.get('image'), 'image')]
+    vision = True
   images = [im for im in images if im]
   if not images:
     raise BadRecord('missing media path')
-  return make_record(row['id'], question, options, letter(row['answer'], len(options)), 'image',
-                     images if len(images) > 1 else images[0], {'subject': row.get('subject')})
+  rec = make_record(row['id'], question, options, letter(row['answer'], len(options)), 'image',
+                    images if len(images) > 1 else images[0], {'subject': row.get('subject')})
+  if vision:
+    rec['show_options'] = False
+  return rec
