@@ -15,6 +15,7 @@ the video's own rate. The dataset folder is only read.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 from fractions import Fraction
@@ -55,9 +56,13 @@ def _write(out: str, frames: Iterable[np.ndarray], rate) -> int:
   import av
   codec = 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
   tmp = out + '.tmp.mp4'
+  frames = iter(frames)
+  first = next(frames, None)
+  if first is None:
+    return 0
   n, stream = 0, None
   with av.open(tmp, 'w') as container:
-    for f in frames:
+    for f in itertools.chain([first], frames):
       f = _even(f)
       if stream is None:
         stream = container.add_stream(codec, rate=Fraction(rate).limit_denominator(1000))
@@ -71,9 +76,6 @@ def _write(out: str, frames: Iterable[np.ndarray], rate) -> int:
     if stream is not None:
       for packet in stream.encode():
         container.mux(packet)
-  if n == 0:
-    os.remove(tmp)
-    return 0
   os.replace(tmp, out)
   return n
 
