@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ral_jax.eval import adapters, clips, run
+from ral_jax.eval import clips, run
 from ral_jax.eval.adapters import answer_letter_of, load_benchmark
 
 

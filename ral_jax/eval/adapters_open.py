@@ -10,7 +10,6 @@ Records follow adapters.py's schema, plus:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import socket
 import os
 import re
 from fractions import Fraction
@@ -55,7 +56,7 @@ def _write(out: str, frames: Iterable[np.ndarray], rate) -> int:
   """Streams frames into an mp4 at `rate`; returns the number written (the file is removed when 0)."""
   import av
   codec = 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
-  tmp = out + '.tmp.mp4'
+  tmp = f'{out}.{socket.gethostname()}.{os.getpid()}.tmp.mp4'   # hosts may share the cache
   frames = iter(frames)
   first = next(frames, None)
   if first is None:

@@ -2,7 +2,7 @@
 
 An adapter record names its rule in `scorer` (default 'choice' for multiple choice, 'video_r1' otherwise) and
 keeps its gold in `solution` ('<answer>B</answer>') and, for rules with several references, in `answers`.
-`score(record, response)` returns a float in [0, 1]; it never raises. A response without a closed
+`score(record, response)` returns a float in [0, 1] for any response text. A response without a closed
 <answer>...</answer> pair scores 0, exactly as the RL accuracy reward does (rl.rewards 'accuracy').
 
 Rules:
