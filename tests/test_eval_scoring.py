@@ -39,7 +39,7 @@ def test_chartqa_relaxed_accuracy(gold, pred, right):
 @pytest.mark.parametrize('text,norm', [
     ('Two dogs.', '2 dogs'), ('The Cat', 'cat'), ('dont know', "don't know"), ('left-side', 'left side'),
     ('3.5', '3.5'), ('yes!', 'yes'), ('an apple', 'apple'), ('None', '0'), ('1,000', '1000'),
-    ("it's blue", "it 's blue"), ('  Unanswerable\n', 'unanswerable'),
+    ("it's blue", "it 's blue"), ('  Unanswerable\n', 'unanswerable'), ('5.', '5'), ('2.5 cm', '2.5 cm'),
 ])
 def test_vqa_normalisation(text, norm):
   assert scoring.vqa_normalize(text) == norm

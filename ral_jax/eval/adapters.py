@@ -275,9 +275,10 @@ def embedded_image(ctx: Context, value: Any, key: str) -> Optional[str]:
     out = os.path.join(ctx.cache_dir or default_cache_dir(), ctx.benchmark, name)
     if not os.path.exists(out):
       os.makedirs(os.path.dirname(out), exist_ok=True)
-      with open(out + '.tmp', 'wb') as f:
+      tmp = f'{out}.{os.getpid()}.tmp'   # several processes may fill one cache
+      with open(tmp, 'wb') as f:
         f.write(data)
-      os.replace(out + '.tmp', out)
+      os.replace(tmp, out)
     return out
   if isinstance(value, dict) and value.get('path'):
     return media_path(ctx, value['path'])

@@ -88,7 +88,7 @@ _CONTRACTIONS = {
 }
 _PUNCT = ';/[]"{}()=+\\_-><@`,?!'
 _DIGIT_COMMA_DIGIT = re.compile(r'(\d)(,)(\d)')
-_PERIOD_NOT_DECIMAL = re.compile(r'(?<!\d)\.(?!\d)')
+_PERIOD_NOT_DECIMAL = re.compile(r'\.(?!\d)')   # every period not followed by a digit ('5.' -> '5')
 
 
 def vqa_normalize(text: str) -> str:
