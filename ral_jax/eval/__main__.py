@@ -47,6 +47,10 @@ def main(argv):
     specs = [run.parse_bench(b) for b in FLAGS.bench]
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  from ral_jax.eval import adapters
+  unknown = sorted({name for name, _, _ in specs if name not in adapters.benchmarks()})
+  if unknown:
+    raise app.UsageError(f'unknown --bench name(s) {unknown}; choose from {adapters.benchmarks()}')
   run.evaluate(_CONFIG.value, specs, FLAGS.outdir, FLAGS.checkpoint,
                FLAGS.batch_size, FLAGS.limit or None, FLAGS.heatmaps, FLAGS.method, FLAGS.max_bad_fraction,
                FLAGS.greedy, FLAGS.cache_dir)

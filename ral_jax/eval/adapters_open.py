@@ -6,6 +6,8 @@ Records follow adapters.py's schema, plus:
   answers       [str]   every reference answer (VizWiz: the 10 annotators' answers)
   group         str     items scored together (MME: the two questions of one image, for acc+)
   extra_images  [str]   images shown with a video (Video-MMMU Adaptation: the question's image)
+Other adapters may set: show_options False (MMMU-Pro vision: the options are in the image, not in the prompt) and
+frames_fps (MVBench frame folders; eval/clips.py turns them and `segment` bounds into clip files).
 `open_record` builds the non-multiple-choice ones.
 """
 from __future__ import annotations
