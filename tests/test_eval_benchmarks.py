@@ -81,14 +81,16 @@ def test_chartqa_lmms_parquet_and_release_json(tmp_path):
   rel = load_benchmark('chartqa', _write(tmp_path / 'ChartQA' / 'test' / 'test_human.json',
                                          [{'imgname': '4169.png', 'query': 'How many?', 'label': '12'}]))
   assert rel.records[0]['path'] == str(tmp_path / 'ChartQA' / 'test' / 'png' / '4169.png')
-  assert rel.records[0]['categories'] == {'type': 'test_human'}
+  assert rel.records[0]['categories'] == {'type': 'human_test'}   # the release's file name, in lmms-lab's words
 
 
 def test_vizwiz_lmms_parquet_and_release_json(tmp_path):
+  # lmms-lab/VizWiz-VQA: question_id has no '.jpg' (lmms-eval tasks/vizwiz_vqa/utils.py appends it), answers are
+  # the 10 strings.
   ans = ['basil'] * 6 + ['oregano'] * 4
-  rows = [{'question_id': 'VizWiz_val_00000000.jpg', 'image': _cell(), 'question': 'What is this?',
+  rows = [{'question_id': 'VizWiz_val_00000000', 'image': _cell(), 'question': 'What is this?',
            'answers': ans, 'category': 'other'},
-          {'question_id': 'VizWiz_test_00000000.jpg', 'image': _cell(), 'question': 'What is this?',
+          {'question_id': 'VizWiz_test_00000000', 'image': _cell(), 'question': 'What is this?',
            'answers': [], 'category': ''}]
   res = load_benchmark('vizwiz', _parquet(tmp_path / 'v' / 'val-00000-of-00001.parquet', rows),
                        cache_dir=str(tmp_path / 'c'))
@@ -96,10 +98,14 @@ def test_vizwiz_lmms_parquet_and_release_json(tmp_path):
   r = res.records[0]
   assert r['answers'] == ans and answer_letter_of(r) == 'basil' and r['scorer'] == 'vqa'
   assert "respond with 'Unanswerable'" in r['problem']
-  rel = load_benchmark('vizwiz', _write(tmp_path / 'VizWiz' / 'val.json', [
+  # the release: Annotations.zip -> Annotations/val.json, val.zip -> val/ beside it (HELM's VizWiz scenario)
+  os.makedirs(tmp_path / 'VizWiz' / 'val')
+  (tmp_path / 'VizWiz' / 'val' / 'VizWiz_val_00000001.jpg').write_bytes(_png())
+  rel = load_benchmark('vizwiz', _write(tmp_path / 'VizWiz' / 'Annotations' / 'val.json', [
       {'image': 'VizWiz_val_00000001.jpg', 'question': 'Color?', 'answer_type': 'other', 'answerable': 1,
-       'answers': [{'answer': 'red', 'answer_confidence': 'yes'}] * 10}]))
-  assert rel.records[0]['answers'] == ['red'] * 10
+       'answers': [{'answer': 'red', 'answer_confidence': 'yes'}] * 9 + [{'answer': 'Red', 'answer_confidence':
+                                                                           'maybe'}]}]))
+  assert rel.records[0]['answers'] == ['red'] * 9 + ['Red']   # every annotator, whatever the confidence
   assert rel.records[0]['path'] == str(tmp_path / 'VizWiz' / 'val' / 'VizWiz_val_00000001.jpg')
 
 
@@ -107,10 +113,14 @@ def test_videommmu_parquet_tracks_ten_options_and_open(tmp_path):
   root = tmp_path / 'VideoMMMU'
   os.makedirs(root / 'Art')
   (root / 'Art' / 'validation_Art_Theory_1.mp4').write_bytes(b'')
+  # columns of lmms-lab/VideoMMMU's card (id, question, options, answer, question_type; later revisions add
+  # link_selected and image); question_type 'perception' is scored by letter, as lmms-eval tasks/videommmu/utils.py
   perc = [{'id': 'validation_Art_Theory_1', 'question': 'Which painter?', 'options': [f'p{i}' for i in range(10)],
            'answer': 'J', 'question_type': 'multiple-choice', 'link_selected': 'https://x', 'image': None},
           {'id': 'validation_Physics_2', 'question': 'What speed (m/s)?', 'options': [], 'answer': '3.5',
-           'question_type': 'open', 'link_selected': 'https://x', 'image': None}]
+           'question_type': 'open', 'link_selected': 'https://x', 'image': None},
+          {'id': 'validation_Music_4', 'question': 'Which note?', 'options': ['A. do', 'B. re', 'C. mi'],
+           'answer': 'B', 'question_type': 'perception', 'link_selected': 'https://x', 'image': None}]
   adap = [{'id': 'validation_Math_3', 'question': 'Solve <image 1>', 'options': ['1', '2', '3', '4'],
            'answer': 'B', 'question_type': 'multiple-choice', 'link_selected': 'https://x', 'image': _cell()}]
   _parquet(root / 'Perception' / 'test-00000-of-00001.parquet', perc)
@@ -123,6 +133,9 @@ def test_videommmu_parquet_tracks_ten_options_and_open(tmp_path):
   assert mc['categories'] == {'track': 'Perception', 'discipline': 'Art'}
   assert op['scorer'] == 'open' and op['problem_type'] == 'numerical' and answer_letter_of(op) == '3.5'
   assert op['path'] == str(root / 'Science' / 'validation_Physics_2.mp4')   # expected place, not present
+  per = by['validation_Music_4']
+  assert per['problem_type'] == 'multiple choice' and per['options'] == ['A. do', 'B. re', 'C. mi']
+  assert answer_letter_of(per) == 'B'
   assert ad['categories']['track'] == 'Adaptation' and len(ad['extra_images']) == 1
   line = run.to_manifest_line(ad)
   assert line['video'] == ad['path'] and line['images'] == ad['extra_images'] and run.num_media(ad) == 2
@@ -162,15 +175,17 @@ def test_vstar_lmms_parquet_embedded_images(tmp_path):
 
 
 def test_longvideobench_parquet_option_columns(tmp_path):
+  # validation-00000-of-00001.parquet: unused option columns hold the string "N/A" (lmms-eval
+  # tasks/longvideobench/utils.py stops there)
   base = {'video_id': 'v1', 'question_wo_referring_query': 'q', 'position': [1], 'topic_category': 'NP',
           'question_category': 'TOS', 'level': 'L2-Relation', 'video_path': 'v1.mp4', 'subtitle_path': 's.json',
           'duration_group': 600, 'starting_timestamp_for_subtitles': 0.0, 'duration': 527.0, 'view_count': 1}
   rows = [dict(base, id='v1_0', question='Which?', option0='a', option1='b', option2='c', option3='d', option4='e',
                correct_choice=4),
           dict(base, id='v1_1', question='Which four?', option0='a', option1='b', option2='c', option3='d',
-               option4=None, correct_choice=3),
+               option4='N/A', correct_choice=3),
           dict(base, id='v1_2', question='Out of range', option0='a', option1='b', option2='c', option3='d',
-               option4=None, correct_choice=4)]
+               option4='N/A', correct_choice=4)]
   res = load_benchmark('longvideobench', _parquet(tmp_path / 'lvb' / 'validation-00000.parquet', rows))
   assert [answer_letter_of(r) for r in res.records] == ['E', 'D'] and res.bad == {'answer outside options': 1}
   assert len(res.records[1]['options']) == 4
