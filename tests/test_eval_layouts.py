@@ -289,3 +289,16 @@ def test_vqa_contractions_as_the_official_list():
   assert scoring.vqa_normalize('im') == 'im' and scoring.vqa_normalize("couldnt've") == "couldn't've"
   assert scoring.vqa_accuracy("I'm", ['im'] * 10) == 0.0
   assert scoring.vqa_accuracy('dont know', ["don't know"] * 3 + ['no'] * 7) == pytest.approx(0.9)
+
+
+def test_tempcompass_repository_root_reads_questions_only(tmp_path):
+  # llyx97/TempCompass: questions/multi-choice.json, and predictions/<model>/multi-choice.json,
+  # auto_eval_results/<model>/multi-choice.json in the same nested form (its eval_multi-choice.py)
+  q = {'1034419625': {'action': [{'question': 'What is the man doing?\nA. dunking\nB. dribbling\nC. passing',
+                                  'answer': 'A. dunking'}]}}
+  _write(tmp_path / 'questions' / 'multi-choice.json', q)
+  _write(tmp_path / 'predictions' / 'video-llava' / 'multi-choice.json', q)
+  _write(tmp_path / 'auto_eval_results' / 'video-llava' / 'multi-choice.json', q)
+  res = load_benchmark('tempcompass', str(tmp_path))
+  assert len(res.records) == 1 and answer_letter_of(res.records[0]) == 'A'
+  assert res.records[0]['path'] == str(tmp_path / 'videos' / '1034419625.mp4')

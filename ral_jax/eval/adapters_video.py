@@ -266,6 +266,9 @@ def _tempcompass_reader(path: str) -> Iterator[Tuple[dict, Context]]:
   if len(files) > 1:
     mc = [f for f in files if _TC_MC.search(os.path.relpath(f, path))]
     files = mc or files
+    # the repository root also holds predictions/<model>/ and auto_eval_results/<model>/ in the same form
+    questions = [f for f in files if 'questions' in os.path.relpath(f, path).split(os.sep)[:-1]]
+    files = questions or files
     nested = [f for f in files if _is_nested(f) is not None]
     if nested and len(nested) < len(files):
       logging.warning('tempcompass: %s holds both the nested and the flat form; reading only %s', path, nested)
