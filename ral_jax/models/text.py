@@ -65,6 +65,14 @@ class DecoderLayer(nn.Module):
     h = h + self.mlp(self.post_attention_layernorm(h))
     return nn.with_logical_constraint(h, _H_AXES), new_cache
 
+  def decode(self, h, cos, sin, k_cache, v_cache, valid, slot):
+    """The same block for one new token per row on this layer's [R,K,S,H] cache (see Attention.decode).
+    h [R,1,D] -> (h [R,1,D], k_cache, v_cache)."""
+    a, k_cache, v_cache = self.self_attn.decode(self.input_layernorm(h), cos, sin, k_cache, v_cache, valid, slot)
+    h = h + a
+    h = h + self.mlp(self.post_attention_layernorm(h))
+    return h, k_cache, v_cache
+
   def record(self, h, cos, sin, key_valid, record_rows, record_heads: bool = False):
     """Attention record of this layer from its input h [B,T,D] (needs input_layernorm, q_proj, k_proj only)."""
     return self.self_attn.record(self.input_layernorm(h), cos, sin, key_valid, record_rows, record_heads)
