@@ -1,16 +1,10 @@
 """Config presets and validation errors (configs/common.py, ral_jax/train/config.py)."""
-import os
-import sys
 import warnings
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
-import common  # noqa: E402
-import image  # noqa: E402
-import video  # noqa: E402
-
-from ral_jax.train import config as rc  # noqa: E402
+from configs import common, image, video
+from ral_jax.train import config as rc
 
 PRESETS = ['', 'paper', 'grpo', 'ral', 'ral_zero', 'sft', 'distill',
            'tiny', 'tiny_grpo', 'tiny_ral', 'tiny_ral_zero', 'tiny_sft', 'tiny_distill']

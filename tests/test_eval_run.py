@@ -8,11 +8,10 @@ import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'configs'))
 
 
 def _config():
-  import video  # configs/video.py
+  from configs import video
   c = video.get_config('tiny_ral')
   c.train.eval_batch = 2
   c.sampling.max_new_tokens = 6

@@ -26,8 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------------------------------------------------------
 
 def _tiny(algo: str, task: str = 'video', **over):
-  sys.path.insert(0, os.path.join(ROOT, 'configs'))
-  import common
+  from configs import common
   c = common.get_config_for(task, 'tiny_' + algo)
   c.rl.reward = 'default' if algo == 'ral_zero' else 'test_length'   # ral_zero: the real answer-only reward
   for k, v in over.items():

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 
-from ral_jax.eval.adapters import (BadRecord, Context, as_list, embedded_image, iter_nonempty, letter,
-                                   make_record, media_path, register, row_reader, split_options)
+from ral_jax.eval.adapters_base import (BadRecord, Context, as_list, embedded_image, iter_nonempty, letter,
+                                        make_record, media_path, register, row_reader, split_options)
 
 
 @register('vstar', row_reader)

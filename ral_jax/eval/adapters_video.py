@@ -9,8 +9,8 @@ import json
 import os
 from typing import Iterator, Tuple
 
-from ral_jax.eval.adapters import (LETTERS, BadRecord, Context, annotation_files, as_list, letter, make_record,
-                                   media_path, read_rows, register, row_reader, split_options, strip_letter)
+from ral_jax.eval.adapters_base import (LETTERS, BadRecord, Context, annotation_files, as_list, letter, make_record,
+                                        media_path, read_rows, register, row_reader, split_options, strip_letter)
 
 
 @register('videomme', row_reader)
