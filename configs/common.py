@@ -4,12 +4,12 @@ Presets (the `arg` of `get_config`, e.g. `--config=configs/video.py:grpo`):
   ''        the embedded default: tiny model, embedded tokenizer, synthetic tasks written into the workdir on
             first use, SFT warm-up then RAL; about 10 minutes on a 2-core CPU; prints held-out accuracy before
             and after.
-  paper     the paper's recipe on Qwen2.5-VL-7B (method.md s.6): needs --config.model.hf_checkpoint=DIR and
+  paper     the paper's recipe on Qwen2.5-VL-7B (ral_jax/docs/method.md s.6): needs --config.model.hf_checkpoint=DIR and
             --config.data.train_manifest=Video-R1 JSON (and data.data_root).
-  grpo      lambda_attn = 0 (the GRPO baseline).     ral        GRPO + lambda_attn * RAL (method.md s.3).
-  ral_zero  answer-only prompts, SFT targets without <think>, answer-only format reward (method.md s.4).
+  grpo      lambda_attn = 0 (the GRPO baseline).     ral        GRPO + lambda_attn * RAL (ral_jax/docs/method.md s.3).
+  ral_zero  answer-only prompts, SFT targets without <think>, answer-only format reward (ral_jax/docs/method.md s.4).
   sft       supervised fine-tuning only.              distill    GRPO + mu * GKD + gamma_attn * attention
-            distillation from a frozen teacher (method.md s.5; Qwen2.5-VL-32B with `paper` sizes).
+            distillation from a frozen teacher (ral_jax/docs/method.md s.5; Qwen2.5-VL-32B with `paper` sizes).
   tiny_X    the same recipe X on the tiny model with a few steps, for tests (e.g. `tiny_ral`, `tiny_distill`).
 Overrides on the command line: `--config.rl.lambda_attn=5 --config.train.rl_steps=100`.
 """
@@ -33,7 +33,7 @@ def base_config() -> ConfigDict:
   c.model.param_dtype = ''     # parameter storage dtype override ('' = the preset's)
   c.model.remat_policy = ''    # '' = the preset's; 'none' | 'nothing_saveable' | 'dots_saveable' | 'full'
   c.model.attention_impl = ''  # '' = auto; 'xla' | 'cudnn'
-  c.model.record_layers = (-1,)  # decoder layers whose attention policy RAL trains (method.md s.1: the last)
+  c.model.record_layers = (-1,)  # decoder layers whose attention RAL trains (ral_jax/docs/method.md s.1: the last)
 
   # ---- data (ral_jax/data: DataConfig, ProcessorConfig, VideoConfig, synthetic Knobs) -----------------------
   c.data = ConfigDict()
@@ -67,7 +67,7 @@ def base_config() -> ConfigDict:
   c.data.read_threads = 2
   c.data.max_bad_fraction = 0.1  # stop when more than this fraction of records is bad
 
-  # ---- rollout sampling (method.md s.6: temperature 1.0) ----------------------------------------------
+  # ---- rollout sampling (ral_jax/docs/method.md s.6: temperature 1.0) ----------------------------------------------
   c.sampling = ConfigDict()
   c.sampling.temperature = 1.0
   c.sampling.top_p = 1.0
@@ -75,11 +75,11 @@ def base_config() -> ConfigDict:
   c.sampling.max_new_tokens = 48   # response bucket Tr
   c.sampling.dtype = ''        # sampling compute dtype ('' = model dtype)
 
-  # ---- RL objective (method.md s.2-5) -------------------------------------------------------------------
+  # ---- RL objective (ral_jax/docs/method.md s.2-5) -------------------------------------------------------------------
   c.rl = ConfigDict()
   c.rl.prompts_per_batch = 8   # prompts per rollout batch (global); rollout batch = prompts_per_batch * G
   c.rl.group_size = 8          # G samples per prompt
-  c.rl.num_minibatches = 4     # optimizer steps per rollout batch per epoch (method.md s.3 default 4)
+  c.rl.num_minibatches = 4     # optimizer steps per rollout batch per epoch (ral_jax/docs/method.md s.3 default 4)
   c.rl.epochs = 1              # passes over each rollout batch
   c.rl.micro_batches = 1       # gradient accumulation: micro-batches per mini-batch
   c.rl.lr = 1e-5
@@ -100,7 +100,7 @@ def base_config() -> ConfigDict:
   c.rl.format = 'think'        # 'think' (<think>..</think><answer>..</answer>) | 'answer_only' (RAL-zero)
   c.rl.logprob_chunk = 0       # >0: compute token log-probs in chunks of this many positions
 
-  # ---- distillation (method.md s.5) ---------------------------------------------------------------------
+  # ---- distillation (ral_jax/docs/method.md s.5) ---------------------------------------------------------------------
   c.distill = ConfigDict()
   c.distill.teacher_preset = 'tiny'
   c.distill.teacher_checkpoint = ''   # HF directory of the teacher; '' = random init from teacher_seed
@@ -202,7 +202,8 @@ def apply_tiny(c: ConfigDict) -> ConfigDict:
 
 
 def apply_paper(c: ConfigDict) -> ConfigDict:
-  """Qwen2.5-VL-7B with the paper's recipe (method.md s.6); sizes the paper leaves open use method.md defaults."""
+  """Qwen2.5-VL-7B with the paper's recipe (ral_jax/docs/method.md s.6); sizes the paper leaves open use that
+  page's defaults."""
   c.model.preset = 'qwen2_5_vl_7b'
   c.model.dtype = 'bfloat16'
   c.model.remat_policy = 'nothing_saveable'

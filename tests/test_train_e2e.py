@@ -229,7 +229,7 @@ def test_ral_term_is_zero_at_first_update_and_acts_later(preset_runs, name):
   for r in _stage_rows(preset_runs, name, 'rl'):
     for k in ('ral/loss', 'ral/jsd_pos_adv', 'ral/jsd_neg_adv', 'ral/visual_mass'):
       assert k in r
-    assert abs(r['first/ral/jsd']) < 1e-6, 'p_theta == p_old at the first mini-batch (method.md s.3)'
+    assert abs(r['first/ral/jsd']) < 1e-6, 'p_theta == p_old at the first mini-batch (ral_jax/docs/method.md s.3)'
     assert r['last/ral/jsd'] > 1e-9, 'after one update the attention policy has moved'
     assert r['adv/mean_abs'] > 0
 

@@ -1,7 +1,7 @@
 """Benchmark adapters: each benchmark's own annotation schema -> Video-R1 manifest records.
 
 Every adapter reads a local copy of a benchmark's annotation file(s) and returns records in the Video-R1 schema
-that the training data pipeline already reads (method.md s.8), plus two evaluation fields:
+that the training data pipeline already reads (ral_jax/docs/method.md s.8), plus two evaluation fields:
 
   problem_id    str   unique id inside the benchmark
   problem       str   the question text, without the options

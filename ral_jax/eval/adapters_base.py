@@ -212,7 +212,7 @@ def embedded_image(ctx: Context, value: Any, key: str) -> Optional[str]:
 
 def make_record(problem_id: Any, question: str, options: Sequence[str], answer_letter: str, data_type: str,
                 path: Any, categories: Optional[Dict[str, Any]] = None, segment=None) -> dict:
-  """A Video-R1 manifest record (method.md s.8) plus `categories` and `segment`."""
+  """A Video-R1 manifest record (ral_jax/docs/method.md s.8) plus `categories` and `segment`."""
   question = str(question or '').strip()
   if not question:
     raise BadRecord('missing question')

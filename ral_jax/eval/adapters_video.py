@@ -187,7 +187,7 @@ def tempcompass(row: dict, ctx: Context) -> dict:
 
 @register('video_r1', row_reader)
 def video_r1(row: dict, ctx: Context) -> dict:
-  """Video-R1's own evaluation files (eval_mvbench.json, eval_videomme.json, ...; method.md s.8 schema):
+  """Video-R1's own evaluation files (eval_mvbench.json, eval_videomme.json, ...; ral_jax/docs/method.md s.8 schema):
 
     {"problem_id": 1, "problem": "...", "data_type": "video", "problem_type": "multiple choice",
      "options": ["A. ...", "B. ..."], "solution": "<answer>B</answer>", "path": "./Evaluation/MVBench/...",

@@ -1,10 +1,10 @@
-"""Accuracy summaries and the paper-layout tables (method.md s.7), written as JSON and Markdown.
+"""Accuracy summaries and the paper-layout tables (ral_jax/docs/method.md s.7), written as JSON and Markdown.
 
 A per-example result is a dict {'problem_id', 'correct' (bool), 'categories' {axis: value}, ...}. `summarize`
 turns one benchmark's results into {'accuracy' (percent), 'num_examples', 'num_bad', 'bad', 'categories':
 {axis: {value: {'accuracy', 'num_examples'}}}}; `markdown` lays several summaries out as the paper's image and
 video tables (a '-' where a benchmark was not run) followed by one per-category table per benchmark, so a user
-can paste their row next to method.md's.
+can paste their row next to ral_jax/docs/method.md's.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import json
 import os
 from typing import Dict, Iterable, List, Mapping, Optional
 
-# Column names of method.md s.7 and the adapter that fills each (None: no adapter in this project yet).
+# Column names of ral_jax/docs/method.md s.7 and the adapter that fills each (None: no adapter in this project yet).
 IMAGE_COLUMNS = (('V*', 'vstar'), ('MMMU-Pro', 'mmmu_pro'), ('MME', None), ('MuirBench', 'muirbench'),
                  ('ChartQA', None), ('VizWiz', None), ('BLINK', 'blink'), ('CV-Bench', 'cvbench'))
 VIDEO_COLUMNS = (('LongVideoBench', 'longvideobench'), ('NExT-QA', 'nextqa'), ('Video-MME', 'videomme'),
@@ -55,7 +55,8 @@ def _cell(summaries: Mapping[str, dict], name: Optional[str], column: str) -> st
 
 
 def paper_tables(summaries: Mapping[str, dict], method: str = 'this run') -> str:
-  """The two tables of method.md s.7 with one row, `method`, filled from `summaries` (keyed by adapter name)."""
+  """The two tables of ral_jax/docs/method.md s.7 with one row, `method`, filled from `summaries` (keyed by
+  adapter name)."""
   out = []
   for title, cols in (('Image benchmarks (accuracy %; MME in the paper is a sum score)', IMAGE_COLUMNS),
                       ('Video benchmarks (accuracy %)', VIDEO_COLUMNS)):

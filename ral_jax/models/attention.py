@@ -1,4 +1,5 @@
-"""Decoder self-attention of Qwen2.5-VL (GQA, q/k/v bias, M-RoPE) and the attention record of method.md s.1.
+"""Decoder self-attention of Qwen2.5-VL (GQA, q/k/v bias, M-RoPE) and the attention record (ral_jax/docs/method.md
+s.1).
 
 Shapes: x [B,T,D]; q [B,T,N,H]; k, v [B,S,K,H] with N = K * G (GQA groups G). Slots: query t of a sequence sits
 at key slot t (no cache) or at slot index[b] + t (KV cache); a key j is visible to query slot i iff
@@ -35,7 +36,7 @@ def visibility_mask(key_valid, q_slot):
 
 
 def attention_record(q, k, key_valid, rows, *, chunk: int, with_heads: bool = False):
-  """Head-averaged attention policy rows (method.md Eq. 2) of one layer, in float32.
+  """Head-averaged attention policy rows (ral_jax/docs/method.md Eq. 2) of one layer, in float32.
 
   q [B,T,N,H] (rotated queries), k [B,S,K,H] (rotated keys, S == T), key_valid [B,S] bool, rows [B,R] int32
   (query positions; < 0 marks an unused row). For row r of example b with t = rows[b,r]:

@@ -6,8 +6,8 @@ init of `DecoderLayer` and applied with plain JAX: `lax.scan` over slices of the
 Python loop over layers (False). Both give the same parameter tree, so checkpoints and hf_io do not depend on it.
 Each layer runs under `jax.checkpoint` with the policy named by `cfg.remat_policy` (see `remat_policy`).
 
-Recorded layers (method.md s.1) pay for the record alone: all L layers run in one scan (or loop) on the fast
-attention path; the scan carries the input hidden state of each recorded layer ([n_rec,B,T,D], updated by a select,
+Recorded layers (ral_jax/docs/method.md s.1) pay for the record alone: all L layers run in one scan (or loop) on the
+fast attention path; the scan carries the input hidden state of each recorded layer ([n_rec,B,T,D], updated by a select,
 so nothing is stacked over L), and after the stack `DecoderLayer.record` recomputes that layer's normed input, q and
 k (a few percent of one layer's FLOPs) and the record. Gradients reach the layer's q/k/norm parameters and, through
 the kept input, every layer below. (Cutting the stack into scans around the recorded layer instead would copy the

@@ -8,11 +8,11 @@ Usage (INTERFACES.md "Model"):
                     record_rows=rows, record_layers=(-1,), record_heads=False, return_hidden=False, cache=None)
   out.logits [B,T,V] f32 | out.hidden [B,T,D] | out.record {layer: {'policy' [B,R,S], 'heads' [B,N,R,S]}} |
   out.cache (decode only)
-Record (method.md s.1; models/attention.py attention_record): keys are int layer indices >= 0 (record_layers may
-be negative, -1 = last); 'policy' = head-mean softmax over keys j <= row, self dropped, renormalised over j < row,
-padding keys 0, float32, all-zero for rows < 0 or rows without an earlier real key; 'heads' (record_heads=True) =
-the raw per-head alpha (self included, not renormalised), for visualisation. Gradients reach the recorded layer's
-q/k (+ input norm) and everything below; the layer's v/o/MLP and lm_head get none from it.
+Record (ral_jax/docs/method.md s.1; models/attention.py attention_record): keys are int layer indices >= 0
+(record_layers may be negative, -1 = last); 'policy' = head-mean softmax over keys j <= row, self dropped,
+renormalised over j < row, padding keys 0, float32, all-zero for rows < 0 or rows without an earlier real key;
+'heads' (record_heads=True) = the raw per-head alpha (self included, not renormalised), for visualisation. Gradients
+reach the recorded layer's q/k (+ input norm) and everything below; the layer's v/o/MLP and lm_head get none from it.
 
 Visual embeddings: the k-th token of example b whose id is image_token_id or video_token_id takes
 visual_embeds[b, k] (cumulative-count gather, static shapes); all other tokens take the embedding table.

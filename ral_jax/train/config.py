@@ -2,8 +2,9 @@
 
 `build(config, num_devices)` turns the ConfigDict of configs/common.py into a `RunConfig` of small frozen
 dataclasses; each `__post_init__` raises a ValueError that says which knob to change. Symbols follow
-shared/method.md: G (group size), lambda_attn, beta, mu, gamma_attn, epsilon (clip).
-Warnings (not errors): lambda_attn > 0 with a single update per rollout (method.md s.3: RAL then equals GRPO).
+ral_jax/docs/method.md: G (group size), lambda_attn, beta, mu, gamma_attn, epsilon (clip).
+Warnings (not errors): lambda_attn > 0 with a single update per rollout (ral_jax/docs/method.md s.3: RAL then
+equals GRPO).
 """
 from __future__ import annotations
 
@@ -290,7 +291,7 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
     warnings.warn(
         f'rl.lambda_attn = {rl.lambda_attn} > 0 but each rollout batch gets a single optimizer step '
         '(rl.num_minibatches * rl.epochs == 1): p_theta == p_old at that step, so the RAL term and its gradient '
-        'are exactly zero and the run is plain GRPO (method.md s.3). Set --config.rl.num_minibatches=4 '
+        'are exactly zero and the run is plain GRPO (ral_jax/docs/method.md s.3). Set --config.rl.num_minibatches=4 '
         '(or rl.epochs > 1) to make RAL act.', RALSingleUpdateWarning, stacklevel=2)
   return run
 

@@ -1,8 +1,8 @@
 """One outer step of each stage, orchestrated (no math here): SFT step, RL step, held-out evaluation.
 
-RL step (design.md): prompts -> vision tower once -> rollout (G samples per prompt) -> decode + rewards (host) ->
-group advantages -> scoring pass with the current params (old log-probs, old attention policy) and the frozen
-reference (reference log-probs) [-> teacher forward for distillation] -> epochs x mini-batch updates.
+RL step (ral_jax/docs/design.md): prompts -> vision tower once -> rollout (G samples per prompt) -> decode +
+rewards (host) -> group advantages -> scoring pass with the current params (old log-probs, old attention policy)
+and the frozen reference (reference log-probs) [-> teacher forward for distillation] -> epochs x mini-batch updates.
 Every function returns (state, metrics dict of scalars); timings are wall-clock seconds of each phase.
 """
 from __future__ import annotations

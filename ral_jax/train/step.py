@@ -155,7 +155,7 @@ def _guarded_apply(state: TrainState, tx, loss, grads, metrics):
 def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBatch, teacher_hidden=None,
               teacher_kernel=None) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """epochs x num_minibatches optimizer steps on one scored rollout batch; metrics averaged over the steps, plus
-  'first/...' and 'last/...' copies of the RAL JSD (0 at the first step by construction, method.md s.3)."""
+  'first/...' and 'last/...' copies of the RAL JSD (0 at the first step by construction, ral_jax/docs/method.md s.3)."""
   tr = batch.response_ids.shape[1]
   obj = sc.objective
 
