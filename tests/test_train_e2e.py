@@ -99,8 +99,8 @@ def _run_mesh(out: str):
   """One RL update (2 mini-batches, RAL on) on a 1-device mesh and on a (2, 4, 1) mesh; saves params + metrics."""
   import jax
   from ral_jax import sharding
-  from ral_jax.train import config as run_config
   from ral_jax.train import build as train_init
+  from ral_jax.train import run_setup
   from ral_jax.rl.objective import RLBatch
   from ral_jax.train.step import ModelInputs
   c = _tiny('ral')
@@ -109,9 +109,8 @@ def _run_mesh(out: str):
   results = {}
   for shape in ((1, 1, 1), (2, 4, 1)):
     c.mesh.shape = shape
-    run = run_config.build(c, 8, warn=False)
-    mesh, rules = train_init.make_mesh_and_rules(run)
-    cfg = train_init.model_config(c.model, '', 'tiny')
+    ctx = run_setup.build_run(c, warn=False, tokenizer=False)
+    run, mesh, rules, cfg = ctx.run, ctx.mesh, ctx.rules, ctx.run.model
     params = train_init.init_model_params(cfg, mesh, rules, seed=0)
     state = train_init.create_state(params, train_init.optim.make_optimizer(run.rl_optim), 0)
     steps = train_init.make_steps(run, cfg, 'rl', train_init.state_shardings_of(state))

@@ -1,6 +1,6 @@
 """Benchmark evaluation of one model: adapters -> manifest -> data pipeline -> greedy decoding -> scoring -> report.
 
-The model is built exactly as for training (train_init: model config, mesh, sharded parameters) and decoded with
+The model is built exactly as for training (train.run_setup: config, mesh, tokenizer, parameters) and decoded with
 the trainer's sampler (greedy by default; `--config.sampling.*` applies otherwise); answers are extracted and
 scored by rl.rewards' 'accuracy' reward, the same function that rewards RL. The prompt format follows the config
 (think/answer, or answer-only for RAL-zero).
@@ -22,17 +22,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
-from absl import logging
 
-from ral_jax.train import inputs as batches
-from ral_jax.train import checkpoint as ckpt_lib
-from ral_jax.train import optim
-from ral_jax.train import config as rc
-from ral_jax.train import stages
-from ral_jax.train import data as train_data
-from ral_jax.train import build as train_init
 from ral_jax.data import pipeline as pipeline_lib
-from ral_jax.data import tokenizer as tokenizer_lib
+from ral_jax.train import data as train_data
+from ral_jax.train import inputs as batches
+from ral_jax.train import run_setup
 from ral_jax.eval import adapters, attention, report
 from ral_jax.rl import rewards as rewards_lib
 
@@ -66,38 +60,6 @@ def write_manifest(path: str, records: Sequence[dict]) -> str:
   return path
 
 
-def build_context(config):
-  """(stages.Context, RunConfig) for `config`, as the trainer builds them."""
-  run = rc.build(config, jax.device_count(), warn=False)
-  mesh, rules = train_init.make_mesh_and_rules(run)
-  mc = config.model
-  cfg = train_init.model_config(mc, mc.hf_checkpoint, mc.preset)
-  tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer or mc.hf_checkpoint or 'embedded')
-  ids = tokenizer_lib.check_matches_model(tokenizer, cfg)
-  return stages.Context(run=run, model_cfg=cfg, mesh=mesh, rules=rules, tokenizer=tokenizer, ids=ids), run
-
-
-def load_params(config, ctx, run, checkpoint: str = ''):
-  """Parameters: the config's model (HF directory or random init), then the latest ral_jax checkpoint of
-  `checkpoint` (a run's workdir or its checkpoints/ folder) when given."""
-  params = train_init.init_model_params(ctx.model_cfg, ctx.mesh, ctx.rules, run.seed, config.model.hf_checkpoint)
-  if not checkpoint:
-    return params
-  workdir = checkpoint.rstrip('/')
-  workdir = workdir[:-len('/checkpoints')] if workdir.endswith('/checkpoints') else workdir
-  ck = ckpt_lib.Checkpointer(workdir, 1, 1, False)
-  step = ck.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'--checkpoint={checkpoint!r} holds no ral_jax checkpoint (expected '
-                            '<workdir>/checkpoints/<step>/)')
-  stage = ck.read_meta(step).get('stage', 'rl')
-  tx = optim.make_optimizer(run.rl_optim if stage == 'rl' else run.sft_optim)
-  state, _, _ = ck.restore(step, train_init.create_state(params, tx, run.seed), None)
-  ck.close()
-  logging.info('restored parameters of step %d (%s) from %s', step, stage, workdir)
-  return state.params
-
-
 def _pad_batch(batch: Dict, size: int) -> Dict:
   """Repeats the last example up to `size` rows; 'valid' marks the real ones."""
   n = len(batch['prompt_ids'])
@@ -113,7 +75,7 @@ def _pad_batch(batch: Dict, size: int) -> Dict:
 
 def _batches(config, ctx, manifest: str, batch_size: int) -> Iterator[Dict]:
   """Full-size host batches of this process (last one padded), the same count on every process."""
-  dcfg = train_data.data_config(config, ctx.model_cfg, [manifest], batch_size, 'eval')
+  dcfg = train_data.data_config(ctx.run, [manifest], batch_size, 'eval')
   dcfg = dataclasses.replace(dcfg, drop_remainder=False, num_epochs=1, max_bad_fraction=1.0)
   pipe = pipeline_lib.make_pipeline(dcfg, ctx.model_cfg)
   local = dcfg.batch_size
@@ -151,7 +113,7 @@ def evaluate_records(config, ctx, params, name: str, records: Sequence[dict], ou
       break
     keep = heatmap_examples if i == 0 else 0
     res = attention.greedy_with_policy(ctx, params, batch, max(keep, 1), jax.random.fold_in(rng, i),
-                                       ctx.run.rl.record_layers[0], ctx.run.rl.rows, greedy)
+                                       ctx.run.record_layer, ctx.run.objective.ral.rows, greedy)
     if keep:
       ex = [b for b in range(keep) if batch['valid'][b]]
       if jax.process_index() == 0 and ex:
@@ -192,8 +154,9 @@ def evaluate(config, benchmarks: Sequence[tuple], outdir: str, checkpoint: str =
   """benchmarks: [(adapter name, annotation path, media root or '')]. Writes results.json / results.md and
   predictions_<bench>.jsonl under outdir (process 0); returns {bench: summary}. greedy=False decodes with
   config.sampling (temperature, top-k, top-p) instead of greedily."""
-  ctx, run = build_context(config)
-  params = load_params(config, ctx, run, checkpoint)
+  ctx = run_setup.build_run(config, warn=False)
+  run = ctx.run
+  params = run_setup.restore_params(ctx, checkpoint)
   bs = batch_size or run.loop.eval_batch
   summaries, per_example = {}, {}
   for name, annotation, media_root in benchmarks:

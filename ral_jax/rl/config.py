@@ -18,6 +18,10 @@ ROW_VARIANTS = ('response', 'producing')                           # attention_l
 KD_ESTIMATORS = ('full', 'sampled')                                # distill.py
 
 
+class RALSingleUpdateWarning(UserWarning):
+  """lambda_attn > 0 but each rollout batch gets one optimizer step: the RAL term is exactly zero."""
+
+
 def _choice(field: str, value, allowed) -> None:
   if value not in allowed:
     raise ValueError(f'{field}={value!r} is not supported; set it to one of {list(allowed)}')
@@ -152,6 +156,11 @@ class ObjectiveConfig:
       raise ValueError(f'logprob_chunk={self.logprob_chunk} must be a positive number of positions (default 256)')
 
   @property
+  def needs_attention(self) -> bool:
+    """The losses read attention rows: the RAL term or attention distillation is on."""
+    return self.ral.lambda_attn > 0 or (self.distill is not None and self.distill.gamma_attn > 0)
+
+  @property
   def ral_aggregation(self) -> str:
     return self.ral.aggregation or self.grpo.aggregation
 
@@ -173,9 +182,10 @@ def check_updates_per_rollout(cfg: ObjectiveConfig, updates_per_rollout: int) ->
   if updates_per_rollout < 1:
     raise ValueError(f'updates_per_rollout={updates_per_rollout} must be >= 1 (mini-batches x epochs per rollout)')
   if cfg.ral.lambda_attn > 0 and updates_per_rollout == 1:
-    msg = ('ral.lambda_attn > 0 but each rollout batch is used for a single update: p_theta == p_old at that step, '
-           'so the RAL term and its gradient are exactly zero and the run is plain GRPO. Use several mini-batches '
-           'per rollout batch (ral_jax/docs/method.md default: 4), or set ral.lambda_attn=0.')
+    msg = (f'rl.lambda_attn = {cfg.ral.lambda_attn} > 0 but each rollout batch is used for a single update '
+           '(rl.num_minibatches * rl.epochs == 1): p_theta == p_old at that step, so the RAL term and its gradient '
+           'are exactly zero and the run is plain GRPO (ral_jax/docs/method.md s.3). Set --config.rl.num_minibatches=4 '
+           '(or rl.epochs > 1), or rl.lambda_attn=0.')
     if not cfg.ral.allow_single_update:
-      raise ValueError(msg + ' (Set ral.allow_single_update=True to run anyway.)')
-    warnings.warn(msg, stacklevel=2)
+      raise ValueError(msg + ' (Set rl.allow_single_update=True to run anyway.)')
+    warnings.warn(msg, RALSingleUpdateWarning, stacklevel=2)

@@ -61,10 +61,10 @@ def merge_rows(tree):
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Static settings of the step functions (hashable; closed over by jit)."""
+  """Static settings of the step functions (hashable; closed over by jit), made from a RunConfig by
+  train.build.step_config."""
   model_cfg: Any
-  objective: ObjectiveConfig
-  rows: str = 'response'
+  objective: ObjectiveConfig      # its ral.rows picks the recorded rows
   record_layer: int = -1
   num_minibatches: int = 1
   epochs: int = 1
@@ -73,17 +73,13 @@ class StepConfig:
   sft_micro_batches: int = 1
   record: bool = True             # the attention policy is needed (lambda_attn > 0 or attention distillation)
 
-  @property
-  def model(self):
-    return Qwen25VL(self.model_cfg)
-
 
 def forward(sc: StepConfig, params, x: ModelInputs, response_len: int, record: bool, model_cfg=None):
   """-> (hidden of the states predicting the response [N,Tr,D], attention policy [N,Tr,S] or None)."""
   cfg = model_cfg or sc.model_cfg
   n, t = x.input_ids.shape
   tp = t - response_len
-  rows = record_rows(n, tp, response_len, sc.rows) if record else None
+  rows = record_rows(n, tp, response_len, sc.objective.ral.rows) if record else None
   out = Qwen25VL(cfg).apply({'params': params}, x.input_ids, jnp.swapaxes(x.positions, 0, 1), x.attention_mask,
                             visual_embeds=x.visual_embeds, record_rows=rows, record_layers=(sc.record_layer,),
                             return_hidden=True)
