@@ -25,8 +25,8 @@ API (the trainer calls `generate`; `prefill` / `sampler_weights` / `decode` are 
 How: one prefill per prompt ([B,Tp] through the model's cached forward, cache of Tp + Tr slots; in chunks of
 `sampling.prefill_batch` prompts), the cache (split per layer, models.vlm.per_layer_cache) and the last logits
 repeated G times along the batch, token 0 drawn; then a `lax.while_loop` over `SamplingState`, one token per
-iteration (models.vlm.decode_token, each layer through `DecoderLayer.decode`): feed token j-1 (M-RoPE position next_pos + j - 1 in all three rows, next_pos = max prompt
-position + 1, cache slot Tp + j - 1), draw token j. The loop stops after Tr tokens or as soon as every row is done.
+iteration (models.vlm.decode_token, each layer through `DecoderLayer.decode`): feed token j-1 (M-RoPE position
+next_pos + j - 1 in all three rows, next_pos = max prompt position + 1, cache slot Tp + j - 1), draw token j. The loop stops after Tr tokens or as soon as every row is done.
 The cache, tokens and log-probs are donated to the decode program and updated in place (the small [R] fields are
 not: donating them gave wrong lengths on an H200 with jax 0.11.2, most likely because constant-folded prefill
 outputs such as the all-ones lengths / stop_reason share a buffer); all lengths are arrays, so one compilation

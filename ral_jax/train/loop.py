@@ -4,6 +4,10 @@ Outer steps are numbered 1..sft_steps (SFT) then sft_steps+1..sft_steps+rl_steps
 At the first RL step the RL optimizer state is created and the frozen reference is copied from the policy.
 Per-step randomness: fold_in(PRNGKey(seed), outer_step). A run started in a workdir with a checkpoint resumes from
 its latest step (state, reference, data-iterator positions, and the held-out accuracy measured before training).
+Asynchronous dispatch: step t is dispatched before step t-1's metrics are fetched and written (`_log`), so the host
+never waits for a step only to read its numbers. Non-finite values: an update with a non-finite loss or gradient is
+skipped on device (train/step.py) and reported from the fetched metrics a step late; parameters are checked for
+finiteness before every checkpoint (a non-finite state stops the run and is never saved).
 """
 from __future__ import annotations
 
