@@ -1,7 +1,6 @@
 """End-to-end benchmark evaluation on the tiny model: fixtures in V* and TempCompass schemas with real media."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
