@@ -15,6 +15,8 @@ sliced parameter stacks and their gradients: +13 GB at 7B.)
 
 KV cache (decode): see `ral_jax/models/vlm.py` for the cache pytree; here layer i reads and writes slice i of
 cache['k'] / cache['v'] [L,B,Smax,K,H] carried through the scan (in place under donation).
+One-token decoding (the rollout): `DecoderLayer.decode` is the same block on one layer's own [R,K,S,H] cache, run
+by models.vlm.decode_token over per-layer weights (see vlm.py for why the sampler does not use the scanned stack).
 """
 from __future__ import annotations
 
