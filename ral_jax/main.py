@@ -49,9 +49,7 @@ def main(argv):
     raise app.UsageError('--config is required, e.g. --config=configs/video.py')
   from ral_jax.train import config as run_config
   from ral_jax.train import loop as train
-  import sys
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
-  import common
+  from configs import common
   run_config.check_known_keys(config, common.base_config())
   logging.info('devices: %s', jax.devices())
   train.run(config, _WORKDIR.value)

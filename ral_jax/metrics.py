@@ -3,7 +3,8 @@
 <workdir>/metrics.jsonl   one JSON object per logged step: {"step": k, "stage": "rl", "<name>": value, ...}
 <workdir>/tb/             TensorBoard scalars under the same names (grouped by their prefix, e.g. rl/reward)
 console                   a tqdm bar over all outer steps with ETA and a few key numbers (reward, accuracy, ...)
-Values are fetched from devices here (after the next step was dispatched, style.md s.12) and must be scalars.
+Values are fetched from devices here, when `write` is called, and must be scalars; the training loop calls it for
+step t-1 after dispatching step t (ral_jax/docs/design.md, asynchronous dispatch), so the fetch does not stall it.
 """
 from __future__ import annotations
 

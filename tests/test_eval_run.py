@@ -1,18 +1,16 @@
 """End-to-end benchmark evaluation on the tiny model: fixtures in V* and TempCompass schemas with real media."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'configs'))
 
 
 def _config():
-  import video  # configs/video.py
+  from configs import video
   c = video.get_config('tiny_ral')
   c.train.eval_batch = 2
   c.sampling.max_new_tokens = 6

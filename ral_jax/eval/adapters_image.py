@@ -11,8 +11,8 @@ import os
 import re
 from typing import Iterator, Tuple
 
-from ral_jax.eval.adapters import (BadRecord, Context, annotation_files, as_list, embedded_image, iter_nonempty,
-                                   letter, make_record, register, row_reader)
+from ral_jax.eval.adapters_base import (BadRecord, Context, annotation_files, as_list, embedded_image, iter_nonempty,
+                                        letter, make_record, register, row_reader)
 from ral_jax.eval.adapters_open import one_format_per_table, rel_parts, rows_of, split_files, split_options_any
 
 

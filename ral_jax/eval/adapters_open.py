@@ -17,8 +17,8 @@ import os
 import re
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from ral_jax.eval.adapters import (BadRecord, Context, annotation_files, as_list, embedded_image, iter_nonempty,
-                                   letter, make_record, media_path, read_rows, register, row_reader, split_options)
+from ral_jax.eval.adapters_base import (BadRecord, Context, annotation_files, as_list, embedded_image, iter_nonempty,
+                                        letter, make_record, media_path, read_rows, register, row_reader, split_options)
 
 _INLINE_OPT = re.compile(r'\(([A-Z])\)\s*')
 

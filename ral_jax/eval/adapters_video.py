@@ -12,9 +12,9 @@ import os
 import re
 from typing import Iterator, Tuple
 
-from ral_jax.eval.adapters import (LETTERS, BadRecord, Context, annotation_files, as_list, iter_nonempty, letter,
-                                   make_record, media_path, read_rows, register, row_reader, split_options,
-                                   strip_letter)
+from ral_jax.eval.adapters_base import (LETTERS, BadRecord, Context, annotation_files, as_list, iter_nonempty, letter,
+                                        make_record, media_path, read_rows, register, row_reader, split_options,
+                                        strip_letter)
 from ral_jax.eval.adapters_open import open_record, rows_of, split_files
 from ral_jax.rl.answers import canonical_type
 
@@ -316,7 +316,8 @@ def tempcompass(row: dict, ctx: Context) -> dict:
 
 @register('video_r1', row_reader)
 def video_r1(row: dict, ctx: Context) -> dict:
-  """Video-R1's own evaluation files (eval_mvbench.json, eval_videomme.json, ...; method.md s.8 schema):
+  """Video-R1's own evaluation files (eval_mvbench.json, eval_videomme.json, ...; schema of
+  ral_jax/docs/method.md s.8):
 
     {"problem_id": 1, "problem": "...", "data_type": "video", "problem_type": "multiple choice",
      "options": ["A. ...", "B. ..."], "solution": "<answer>B</answer>", "path": "./Evaluation/MVBench/...",

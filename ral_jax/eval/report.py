@@ -1,4 +1,4 @@
-"""Benchmark summaries and the paper-layout tables (method.md s.7), written as JSON and Markdown.
+"""Benchmark summaries and the paper-layout tables (ral_jax/docs/method.md s.7), written as JSON and Markdown.
 
 A per-example result is a dict {'problem_id', 'score' in [0, 1] (or 'correct' bool), 'categories' {axis: value or
 [values]}, 'group' (optional), ...}. `summarize(rows, bad, benchmark, num_total)` turns one benchmark's results into
@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 
 from ral_jax.eval import aggregate
 
-# Column names of method.md s.7 and the adapter that fills each (None: no adapter in this project yet).
+# Column names of ral_jax/docs/method.md s.7 and the adapter that fills each (None: no adapter in this project yet).
 IMAGE_COLUMNS = (('V*', 'vstar'), ('MMMU-Pro', 'mmmu_pro'), ('MME', 'mme'), ('MuirBench', 'muirbench'),
                  ('ChartQA', 'chartqa'), ('VizWiz', 'vizwiz'), ('BLINK', 'blink'), ('CV-Bench', 'cvbench'))
 VIDEO_COLUMNS = (('LongVideoBench', 'longvideobench'), ('NExT-QA', 'nextqa'), ('Video-MME', 'videomme'),
@@ -73,7 +73,8 @@ def _cell(summaries: Mapping[str, dict], name: Optional[str], column: str) -> st
 
 
 def paper_tables(summaries: Mapping[str, dict], method: str = 'this run') -> str:
-  """The two tables of method.md s.7 with one row, `method`, filled from `summaries` (keyed by adapter name)."""
+  """The two tables of ral_jax/docs/method.md s.7 with one row, `method`, filled from `summaries` (keyed by
+  adapter name)."""
   out = []
   for title, cols in (('Image benchmarks (accuracy %; MME: perception + cognition score; ChartQA relaxed accuracy; '
                        'VizWiz VQA accuracy; BLINK mean of sub-tasks; CV-Bench 1/2((ADE+COCO)/2+Omni3D))',

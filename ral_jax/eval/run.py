@@ -1,6 +1,6 @@
 """Benchmark evaluation of one model: adapters -> manifest -> data pipeline -> greedy decoding -> scoring -> report.
 
-The model is built exactly as for training (train_init: model config, mesh, sharded parameters) and decoded with
+The model is built exactly as for training (train.run_setup: config, mesh, tokenizer, parameters) and decoded with
 the trainer's sampler (greedy by default; `--config.sampling.*` applies otherwise); the answer inside the
 response's <answer> tags is scored by the benchmark's official rule (eval/scoring.py; multiple choice and the
 Video-R1 types use rl.answers, the functions that reward RL) and averaged as the benchmark's authors do
@@ -35,14 +35,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from ral_jax.train import checkpoint as ckpt_lib
-from ral_jax.train import optim
-from ral_jax.train import config as rc
-from ral_jax.train import stages
-from ral_jax.train import data as train_data
-from ral_jax.train import build as train_init
 from ral_jax.data import pipeline as pipeline_lib
-from ral_jax.data import tokenizer as tokenizer_lib
+from ral_jax.train import data as train_data
+from ral_jax.train import run_setup
 from ral_jax.eval import adapters, attention, clips, report, scoring
 
 
@@ -84,38 +79,6 @@ def write_manifest(path: str, records: Sequence[dict]) -> str:
   return path
 
 
-def build_context(config):
-  """(stages.Context, RunConfig) for `config`, as the trainer builds them."""
-  run = rc.build(config, jax.device_count(), warn=False)
-  mesh, rules = train_init.make_mesh_and_rules(run)
-  mc = config.model
-  cfg = train_init.model_config(mc, mc.hf_checkpoint, mc.preset)
-  tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer or mc.hf_checkpoint or 'embedded')
-  ids = tokenizer_lib.check_matches_model(tokenizer, cfg)
-  return stages.Context(run=run, model_cfg=cfg, mesh=mesh, rules=rules, tokenizer=tokenizer, ids=ids), run
-
-
-def load_params(config, ctx, run, checkpoint: str = ''):
-  """Parameters: the config's model (HF directory or random init), then the latest ral_jax checkpoint of
-  `checkpoint` (a run's workdir or its checkpoints/ folder) when given."""
-  params = train_init.init_model_params(ctx.model_cfg, ctx.mesh, ctx.rules, run.seed, config.model.hf_checkpoint)
-  if not checkpoint:
-    return params
-  workdir = checkpoint.rstrip('/')
-  workdir = workdir[:-len('/checkpoints')] if workdir.endswith('/checkpoints') else workdir
-  ck = ckpt_lib.Checkpointer(workdir, 1, 1, False)
-  step = ck.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'--checkpoint={checkpoint!r} holds no ral_jax checkpoint (expected '
-                            '<workdir>/checkpoints/<step>/)')
-  stage = ck.read_meta(step).get('stage', 'rl')
-  tx = optim.make_optimizer(run.rl_optim if stage == 'rl' else run.sft_optim)
-  state, _, _ = ck.restore(step, train_init.create_state(params, tx, run.seed), None)
-  ck.close()
-  logging.info('restored parameters of step %d (%s) from %s', step, stage, workdir)
-  return state.params
-
-
 def _pad_batch(batch: Dict, size: int) -> Dict:
   """Repeats the last example up to `size` rows; 'valid' marks the real ones."""
   n = len(batch['prompt_ids'])
@@ -132,7 +95,7 @@ def _pad_batch(batch: Dict, size: int) -> Dict:
 def _batches(config, ctx, manifest: str, batch_size: int, max_media: int = 1) -> Iterator[Dict]:
   """Full-size host batches of this process (last one padded), the same count on every process. The media slots
   per example are at least `max_media` (the benchmark's largest item)."""
-  dcfg = train_data.data_config(config, ctx.model_cfg, [manifest], batch_size, 'eval')
+  dcfg = train_data.data_config(ctx.run, [manifest], batch_size, 'eval')
   dcfg = dataclasses.replace(dcfg, drop_remainder=False, num_epochs=1, max_bad_fraction=1.0,
                              max_media=max(dcfg.max_media, max_media))
   pipe = pipeline_lib.make_pipeline(dcfg, ctx.model_cfg)
@@ -171,7 +134,7 @@ def evaluate_records(config, ctx, params, name: str, records: Sequence[dict], ou
       break
     keep = heatmap_examples if i == 0 else 0
     res = attention.greedy_with_policy(ctx, params, batch, max(keep, 1), jax.random.fold_in(rng, i),
-                                       ctx.run.rl.record_layers[0], ctx.run.rl.rows, greedy)
+                                       ctx.run.record_layer, ctx.run.objective.ral.rows, greedy)
     if keep:
       ex = [b for b in range(keep) if batch['valid'][b]]
       if jax.process_index() == 0 and ex:
@@ -284,8 +247,9 @@ def evaluate(config, benchmarks: Sequence[tuple], outdir: str, checkpoint: str =
   if not todo:
     raise ValueError('no benchmark has a usable record: ' + '; '.join(f'{n}: {s["error"]}'
                                                                        for n, s in summaries.items()))
-  ctx, run = build_context(config)
-  params = load_params(config, ctx, run, checkpoint)
+  ctx = run_setup.build_run(config, warn=False)
+  run = ctx.run
+  params = run_setup.restore_params(ctx, checkpoint)
   bs = batch_size or run.loop.eval_batch
   per_example = {}
   for p in todo:

@@ -16,26 +16,20 @@ from absl import logging
 
 from ral_jax.data import pipeline as pipeline_lib
 from ral_jax.data import synthetic
-from ral_jax.data.media import VideoConfig
-from ral_jax.data.processor import ProcessorConfig
-from ral_jax.data.prompts import PromptConfig
-from ral_jax.train.config import synthetic_tasks
+from ral_jax.train.config import DataSettings, RunConfig
 
 
-def ensure_synthetic(config, workdir: str) -> Tuple[str, str]:
+def ensure_synthetic(data: DataSettings, workdir: str) -> Tuple[str, str]:
   """Writes <workdir>/synthetic/{train,heldout}.jsonl (+ media) once (process 0); returns their paths."""
-  d = config.data
   out = os.path.join(workdir, 'synthetic')
   train, heldout = os.path.join(out, 'train.jsonl'), os.path.join(out, 'heldout.jsonl')
   done = os.path.join(out, 'DONE')
   if jax.process_index() == 0 and not os.path.exists(done):
-    knobs = synthetic.Knobs(image_size=d.image_size, video_size=d.video_size, video_frames=d.video_frames,
-                            object_size=d.object_size, num_distractors=d.num_distractors, fps=d.fps)
-    tasks = synthetic_tasks(d.task)
-    logging.info('writing synthetic tasks %s to %s', tasks, out)
+    knobs = synthetic.Knobs(**dict(data.synthetic_knobs))
+    logging.info('writing synthetic tasks %s to %s', data.tasks, out)
     os.makedirs(out, exist_ok=True)
-    synthetic.write_split(out, 'train', tasks, d.num_train, d.synthetic_seed, knobs)
-    synthetic.write_split(out, 'heldout', tasks, d.num_eval, d.synthetic_seed, knobs)
+    synthetic.write_split(out, 'train', data.tasks, data.num_train, data.synthetic_seed, knobs)
+    synthetic.write_split(out, 'heldout', data.tasks, data.num_eval, data.synthetic_seed, knobs)
     with open(done, 'w') as f:
       f.write('ok\n')
   if jax.process_count() > 1:
@@ -44,35 +38,25 @@ def ensure_synthetic(config, workdir: str) -> Tuple[str, str]:
   return train, heldout
 
 
-def manifests(config, workdir: str) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-  d = config.data
-  if d.source == 'synthetic':
-    train, heldout = ensure_synthetic(config, workdir)
+def manifests(run: RunConfig, workdir: str) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+  """(train manifests, held-out manifests) of the run; synthetic ones are written into the workdir first."""
+  if run.data.source == 'synthetic':
+    train, heldout = ensure_synthetic(run.data, workdir)
     return (train,), (heldout,)
-  split = lambda s: tuple(p.strip() for p in s.split(',') if p.strip())
-  return split(d.train_manifest), split(d.eval_manifest)
+  return run.data.train_manifests, run.data.eval_manifests
 
 
-def data_config(config, model_cfg, files, batch_size: int, stage: str) -> pipeline_lib.DataConfig:
-  d = config.data
+def data_config(run: RunConfig, files, batch_size: int, stage: str) -> pipeline_lib.DataConfig:
+  """The run's pipeline config for one stage: its files, this host's share of the global batch, targets (SFT),
+  a per-stage seed, one pass for 'eval'."""
   n_proc = jax.process_count()
   if batch_size % n_proc:
     raise ValueError(f'{stage} batch {batch_size} is not divisible by the {n_proc} hosts')
-  style = 'answer_only' if config.rl.format == 'answer_only' else 'think'
-  tok = d.tokenizer or config.model.hf_checkpoint or 'embedded'
-  return pipeline_lib.DataConfig(
-      manifests=tuple(files), data_root=d.data_root or None, tokenizer=tok, prompt=PromptConfig(style=style),
-      processor=ProcessorConfig.from_vision(model_cfg.vision, image_min_pixels=d.image_min_pixels,
-                                            image_max_pixels=d.image_max_pixels,
-                                            video_min_pixels=d.video_min_pixels,
-                                            video_max_pixels=d.video_max_pixels),
-      video=VideoConfig(fps=d.fps, max_frames=d.max_frames, min_frames=d.min_frames),
-      batch_size=batch_size // n_proc, prompt_buckets=tuple(d.prompt_buckets), patch_buckets=tuple(d.patch_buckets),
-      target_buckets=tuple(d.target_buckets), max_media=d.max_media, with_targets=stage == 'sft',
-      seed=config.seed + {'sft': 11, 'rl': 23, 'eval': 0}[stage], num_epochs=1 if stage == 'eval' else None,
+  return dataclasses.replace(
+      run.data.pipeline, manifests=tuple(files), batch_size=batch_size // n_proc, with_targets=stage == 'sft',
+      seed=run.seed + {'sft': 11, 'rl': 23, 'eval': 0}[stage], num_epochs=1 if stage == 'eval' else None,
       shard_index=jax.process_index(), shard_count=n_proc,
-      num_workers=0 if stage == 'eval' else d.num_workers, read_threads=d.read_threads,
-      max_bad_fraction=d.max_bad_fraction)
+      num_workers=0 if stage == 'eval' else run.data.pipeline.num_workers)
 
 
 @dataclasses.dataclass
@@ -90,16 +74,16 @@ class StageData:
     self.iterator.set_state(state)
 
 
-def make_stage_data(config, model_cfg, files, batch_size: int, stage: str) -> StageData:
-  p = pipeline_lib.make_pipeline(data_config(config, model_cfg, files, batch_size, stage), model_cfg)
+def make_stage_data(run: RunConfig, files, batch_size: int, stage: str) -> StageData:
+  p = pipeline_lib.make_pipeline(data_config(run, files, batch_size, stage), run.model)
   return StageData(p, iter(p.dataset))
 
 
-def eval_batches(config, model_cfg, files, num_examples: int, batch_size: int) -> List[Dict]:
+def eval_batches(run: RunConfig, files, num_examples: int, batch_size: int) -> List[Dict]:
   """A fixed list of held-out batches (read once, reused at every evaluation)."""
   if not files or num_examples <= 0:
     return []
-  data = make_stage_data(config, model_cfg, files, batch_size, 'eval')
+  data = make_stage_data(run, files, batch_size, 'eval')
   out = []
   for b in data.iterator:
     out.append(b)
