@@ -80,15 +80,9 @@ def _parse_flags(argv):
 
 
 def _show_config(config) -> None:
+  from configs import common
   from ral_jax import knobs
-  common = _common()
   print(knobs.describe(config, common.base_config(), knobs.docs_from_source(common.__file__)))
-
-
-def _common():
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
-  import common  # pylint: disable=import-outside-toplevel
-  return common
 
 
 def main(argv):
@@ -111,10 +105,11 @@ def main(argv):
   from ral_jax.train import checkpoint as ckpt_lib
   from ral_jax.train import config as run_config
   from ral_jax.train import loop as train
+  from configs import common
   try:
-    run_config.check_known_keys(config, _common().base_config())
+    run_config.check_known_keys(config, common.base_config())
     run_config.build(config, jax.device_count(), warn=False)   # every config check, before any work
-  except (ValueError, KeyError) as e:
+  except (ValueError, KeyError, FileNotFoundError) as e:   # FileNotFoundError: e.g. model.hf_checkpoint
     _fail('config error', e, 2)
   logging.info('devices: %s', jax.devices())
   try:

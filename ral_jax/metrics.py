@@ -5,7 +5,8 @@
                           a resumed run first drops the lines past the restored step (they are replayed)
 <workdir>/tb/             TensorBoard scalars under the same names (grouped by their prefix, e.g. rl/reward)
 console                   a tqdm bar over all outer steps with ETA and a few key numbers (reward, accuracy, ...)
-Values are fetched from devices here (after the next step was dispatched, style.md s.12) and must be scalars.
+Values are fetched from devices here, when `write` is called, and must be scalars; the training loop calls it for
+step t-1 after dispatching step t (ral_jax/docs/design.md, asynchronous dispatch), so the fetch does not stall it.
 Multi-host: host-computed scalars are combined over processes first (`gather_host_metrics`); only process 0 writes.
 """
 from __future__ import annotations

@@ -84,16 +84,16 @@ def test_metrics_writer_jsonl_tensorboard_and_resume_truncation(gcs):
 
 
 def test_synthetic_data_in_a_bucket_reads_back_like_local(gcs, tmp_path):
-  import sys
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs'))
-  import common
+  from configs import common
   from ral_jax.data import pipeline
   from ral_jax.models.config import get_preset
+  from ral_jax.train import config as rc
   from ral_jax.train import data as train_data
   c = common.get_config_for('image', 'tiny_sft')
   c.data.num_train, c.data.num_eval = 4, 2
-  remote = train_data.ensure_synthetic(c, gcs)
-  local = train_data.ensure_synthetic(c, str(tmp_path))
+  data = rc.build(c, 8).data
+  remote = train_data.ensure_synthetic(data, gcs)
+  local = train_data.ensure_synthetic(data, str(tmp_path))
   assert remote[0] == 'gs://bucket/run/synthetic/train.jsonl'
   assert paths.read_text(paths.join(gcs, 'synthetic', 'DONE')) == 'ok\n'
   assert paths.read_bytes(remote[0]) == open(local[0], 'rb').read()

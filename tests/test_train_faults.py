@@ -117,8 +117,7 @@ def test_failed_run_leaves_no_empty_workdir(env, tmp_path):
 
 
 def test_show_config_lists_every_knob_with_default_and_doc(env):
-  sys.path.insert(0, os.path.join(ROOT, 'configs'))
-  import common
+  from configs import common
   from ral_jax import knobs
   p = subprocess.run([sys.executable, '-m', 'ral_jax.main', '--config=configs/video.py:tiny_ral', '--show_config',
                       '--config.rl.beta=0.5'], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Bad-input accounting (design.md 'Bad input and failure').
+"""Bad-input accounting (ral_jax/docs/design.md 'Bad input and failure').
 
 A bad record raises `BadRecord(reason, ...)` where it is found (manifest parsing, media loading, prompt
 building, tokenizing); the pipeline turns it into a skipped element, counted here by reason and by file, and logged

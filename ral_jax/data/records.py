@@ -10,10 +10,11 @@ Two formats, picked by file extension:
            target (optional SFT response)}.
 Media paths are relative to `data_root` (default: the manifest's directory); absolute paths and URLs are kept.
 Manifests and media may live on gs:// (ral_jax.paths).
-A malformed line / record or a missing answer is counted as bad (BadInputCounter) and skipped; an empty or
-unreadable manifest raises DataError naming the file. Text must be valid UTF-8: a .jsonl line with raw non-UTF-8
-bytes, or any record string holding a lone surrogate (JSON `"\ud800"`, or a raw bad byte of a .json file), is a
-bad record naming the manifest and line / record, never an exception later in tokenization.
+A malformed line / record, a missing answer, or a multiple-choice gold that is none of the options
+(`check_gold`) is counted as bad (BadInputCounter) and skipped; an empty or unreadable manifest raises DataError
+naming the file. Text must be valid UTF-8: a .jsonl line with raw non-UTF-8 bytes, or any record string holding a
+lone surrogate (JSON `"\ud800"`, or a raw bad byte of a .json file), is a bad record naming the manifest and
+line / record, never an exception later in tokenization.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def load_manifest(path: str, counter: BadInputCounter, data_root: Optional[str] 
 
   def add(fn, *args):
     try:
-      out.append(fn(*args))
+      out.append(check_gold(fn(*args)))
       counter.good(path, stage='parse')
     except BadRecord as e:
       counter.bad(e, path, stage='parse')
@@ -132,6 +133,22 @@ def load_manifest(path: str, counter: BadInputCounter, data_root: Optional[str] 
   if not out:
     raise DataError(f'manifest {path} has no usable record')
   return out
+
+
+def check_gold(ex: Example) -> Example:
+  """A multiple-choice record's gold must name one of its options: a letter inside them ('F' with four options is
+  bad) or the text of one option; otherwise BadRecord('malformed_record'). Records without options pass (the
+  options may be in the image, as in MMMU-Pro vision). The letter is read with rl.answers.choice_letter, the
+  parser that scores the answers, so a gold that passes here is one a right answer can match."""
+  from ral_jax.rl import answers
+  if not ex.options or answers.canonical_type(ex.problem_type) != 'multiple choice':
+    return ex
+  n = len(ex.options)
+  got = answers.choice_letter(ex.answer, ex.options)
+  if got is None or not 'A' <= got <= chr(ord('A') + n - 1):
+    raise BadRecord('malformed_record', f'gold answer {ex.answer!r} is none of the {n} options '
+                    f'(letters A-{chr(ord("A") + n - 1)} or an option text)', ex.id, ex.source)
+  return ex
 
 
 def _checked(fn):
