@@ -13,6 +13,7 @@ filesystem registered under gs:// (tests/test_paths.py).
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import shutil
@@ -77,7 +78,6 @@ def makedirs(path) -> None:
 def open(path, mode: str = 'r', **kw):  # noqa: A001 - the builtin's counterpart
   if is_remote(path):
     return _ep(path).open(mode, **kw)
-  import builtins
   return builtins.open(path, mode, **kw)
 
 
@@ -147,7 +147,7 @@ def upload_tree(local_dir: str, dst) -> None:
     rel = os.path.relpath(f, local_dir)
     target = join(dst, *rel.split(os.sep))
     makedirs(dirname(target))
-    with __import__('builtins').open(f, 'rb') as src:
+    with builtins.open(f, 'rb') as src:
       write_bytes(target, src.read())
 
 
@@ -177,7 +177,6 @@ class AppendFile:
       self._text = read_text(path) if exists(path) else ''
       self._dirty = False
     else:
-      import builtins
       self._f = builtins.open(path, 'a', encoding='utf-8')
 
   def write(self, text: str) -> None:
