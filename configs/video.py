@@ -9,11 +9,7 @@ ral_zero, sft, distill and tiny_<algo> for tests. The paper preset (Qwen2.5-VL-7
   --config.model.hf_checkpoint=/path/Qwen2.5-VL-7B --config.data.train_manifest=/path/Video-R1-260k.json
   --config.data.data_root=/path/Video-R1-data
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from configs import common
 
 
 def get_config(arg: str = ''):

@@ -105,21 +105,16 @@ def compile_steps(config, target: Target, stages: Sequence[str] = ('sft', 'score
   import jax.numpy as jnp
   import numpy as np
   from ral_jax import sharding
-  from ral_jax.train import config as run_config
   from ral_jax.train import build as train_init
+  from ral_jax.train import run_setup
   from ral_jax.train import step as ts
   from ral_jax.models.vision_inputs import build_vision_inputs_batch
   from ral_jax.rl.objective import RLBatch
   from ral_jax.train.state import TrainState
 
-  run = run_config.build(config, len(target.devices), warn=False)
-  hf = config.model.hf_checkpoint
-  if hf and not os.path.exists(os.path.join(hf, 'config.json')):
-    raise FileNotFoundError(f'{hf}/config.json not found: the check needs the checkpoint\'s config.json only '
-                            '(copy it to a local directory and point --config.model.hf_checkpoint there)')
-  cfg = train_init.model_config(config.model, hf, config.model.preset)
-  mesh = sharding.make_mesh(run.mesh.shape, devices=target.devices)
-  rules = sharding.logical_rules(run.mesh.rules)
+  # The run's own set-up (config validation, mesh, model config); only the checkpoint's config.json is read.
+  ctx = run_setup.build_run(config, warn=False, devices=target.devices, tokenizer=False)
+  run, cfg, mesh, rules = ctx.run, ctx.run.model, ctx.mesh, ctx.rules
   tp = prompt_len or max(config.data.prompt_buckets)
   tr = response_len or run.sampling.max_new_tokens
   p = patches or max(config.data.patch_buckets)
@@ -164,7 +159,7 @@ def compile_steps(config, target: Target, stages: Sequence[str] = ('sft', 'score
           batch = RLBatch(
               response_ids=batch_arr((n, tr), jnp.int32), response_mask=batch_arr((n, tr), jnp.int32),
               advantages=batch_arr((n,), f32), old_logprobs=batch_arr((n, tr), f32),
-              ref_logprobs=batch_arr((n, tr), f32) if run.rl.beta > 0 else None,
+              ref_logprobs=batch_arr((n, tr), f32) if run.objective.grpo.beta > 0 else None,
               old_policy=batch_arr((n, tr, t), f32) if rec else None,
               key_mask=batch_arr((n, t), jnp.int32), visual_key_mask=batch_arr((n, t), jnp.int32))
           lowered = steps.update.lower(state, x, batch)

@@ -1,20 +1,26 @@
 """Metric writers: TensorBoard event files, a JSONL log and a console progress bar with ETA, on process 0 only.
 
-<workdir>/metrics.jsonl   one JSON object per logged step: {"step": k, "stage": "rl", "<name>": value, ...}
+<workdir> may be local or a gs:// URL (ral_jax.paths).
+<workdir>/metrics.jsonl   one JSON object per logged step: {"step": k, "stage": "rl", "<name>": value, ...};
+                          a resumed run first drops the lines past the restored step (they are replayed)
 <workdir>/tb/             TensorBoard scalars under the same names (grouped by their prefix, e.g. rl/reward)
 console                   a tqdm bar over all outer steps with ETA and a few key numbers (reward, accuracy, ...)
-Values are fetched from devices here (after the next step was dispatched, style.md s.12) and must be scalars.
+Values are fetched from devices here, when `write` is called, and must be scalars; the training loop calls it for
+step t-1 after dispatching step t (ral_jax/docs/design.md, asynchronous dispatch), so the fetch does not stall it.
+Multi-host: host-computed scalars are combined over processes first (`gather_host_metrics`); only process 0 writes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
 import sys
 from typing import Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+
+from ral_jax import paths
 
 KEY_NUMBERS = ('loss', 'reward', 'accuracy', 'format', 'jsd', 'eval/accuracy', 'resp_len')
 
@@ -30,19 +36,87 @@ def to_host(metrics: Mapping) -> dict:
   return out
 
 
+def truncate_jsonl(path: str, last_step: int) -> int:
+  """Drops the lines of a metrics.jsonl past `last_step` (the restored checkpoint's step; 0 = a fresh start, which
+  keeps nothing), written by a session that was killed before its next checkpoint: a resumed run replays those
+  steps. Returns the number of lines dropped."""
+  if not paths.exists(path):
+    return 0
+  lines = paths.read_text(path).splitlines()
+  keep = []
+  for line in lines:
+    try:
+      step = int(json.loads(line)['step'])
+    except (ValueError, KeyError, TypeError):
+      continue       # a line cut by a kill mid-write
+    if last_step and step <= last_step:
+      keep.append(line)
+  if len(keep) != len(lines):
+    paths.write_text(path, ''.join(l + '\n' for l in keep))
+  return len(lines) - len(keep)
+
+
+def combine_host_metrics(rows: Sequence[Mapping[str, float]]) -> dict:
+  """Per-host scalars (host-computed: rewards, accuracy, lengths, times, held-out scores) -> run-wide values.
+  Hosts hold equal numbers of rows, so a per-host mean averages to the global mean; `*_max` and `time/*` take the
+  maximum (the slowest host), `tokens_per_s` and `eval/examples` add up, and eval/accuracy and eval/format are
+  weighted by each host's eval/examples."""
+  keys = list(rows[0])
+  out = {}
+  n = [float(r.get('eval/examples', 0.0)) for r in rows]
+  for k in keys:
+    vals = [float(r[k]) for r in rows]
+    if k.endswith('_max') or k.startswith('time/'):
+      out[k] = max(vals)
+    elif k in ('tokens_per_s', 'eval/examples'):
+      out[k] = sum(vals)
+    elif k in ('eval/accuracy', 'eval/format') and sum(n) > 0:
+      out[k] = sum(v * w for v, w in zip(vals, n)) / sum(n)
+    else:
+      out[k] = sum(vals) / len(vals)
+  return out
+
+
+def gather_host_metrics(metrics: Mapping, skip_prefix: str = 'data/') -> dict:
+  """`metrics` with its host-computed scalars (Python / numpy numbers; jax Arrays are global already) combined
+  over all processes (combine_host_metrics). A collective: every process calls it at the same point with the
+  same keys. Keys under `skip_prefix` (the bad-input counts, gathered by train.data) are left alone."""
+  out = dict(metrics)
+  if jax.process_count() == 1:
+    return out
+  from jax.experimental import multihost_utils
+  keys = sorted(k for k, v in out.items() if isinstance(v, (int, float, np.number)) and not k.startswith(skip_prefix))
+  sig = np.frombuffer(hashlib.sha1('|'.join(keys).encode()).digest()[:4], np.int32)
+  sigs = np.asarray(multihost_utils.process_allgather(sig)).ravel()
+  if len(set(sigs.tolist())) != 1:
+    raise RuntimeError(f'hosts logged different host metrics; this host has {keys}')
+  if not keys:
+    return out
+  vals = np.asarray(multihost_utils.process_allgather(np.asarray([float(out[k]) for k in keys], np.float32)))
+  out.update(combine_host_metrics([dict(zip(keys, row)) for row in vals.reshape(-1, len(keys))]))
+  return out
+
+
 class MetricsWriter:
   def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, enabled: Optional[bool] = None,
-               tensorboard: bool = True, progress: bool = True, key_numbers: Sequence[str] = KEY_NUMBERS):
+               tensorboard: bool = True, progress: bool = True, key_numbers: Sequence[str] = KEY_NUMBERS,
+               drop_after: Optional[int] = None):
+    """drop_after: the step a run (re)starts from; earlier sessions' lines past it are dropped (truncate_jsonl)."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.key_numbers = key_numbers
     self._tb = self._bar = self._jsonl = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    paths.makedirs(workdir)
+    path = paths.join(workdir, 'metrics.jsonl')
+    if drop_after is not None:
+      truncate_jsonl(path, drop_after)
+    self._jsonl = paths.AppendFile(path)
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      paths.register_tensorboard()
+      # purge_step: TensorBoard drops events of the replayed steps (after initial_step) from earlier sessions
+      self._tb = SummaryWriter(paths.join(workdir, 'tb'), purge_step=drop_after + 1 if drop_after else None)
     if progress:
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=initial_step, desc='train', dynamic_ncols=True,

@@ -82,7 +82,7 @@ def padded_batch(cfg, lengths, T, seed=0, mrope=True):
 
 
 def eq2_policy(attn, rows, mask):
-  """Naive method.md Eq. 2 from full attention probabilities attn [B,N,T,T] (numpy, float64)."""
+  """Naive ral_jax/docs/method.md Eq. 2 from full attention probabilities attn [B,N,T,T] (numpy, float64)."""
   attn = np.asarray(attn, np.float64)
   B, N, T, _ = attn.shape
   R = rows.shape[1]

@@ -55,14 +55,14 @@ def test_vstar(tmp_path):
 def test_muirbench_embedded_images_cached(tmp_path):
   # Parquet image cells are {'bytes', 'path'} dicts: fed straight to the parser (JSON cannot hold bytes).
   from ral_jax.eval import adapters_image
-  ctx = adapters.Context('muirbench', str(tmp_path), 'muir.parquet', 0)
+  ctx = adapters.Context('muirbench', str(tmp_path), 'muir.parquet', 0, cache_dir=str(tmp_path / 'cache'))
   row = {'idx': 'm1', 'task': 'Image-Text Matching', 'image_relation': 'Narrative', 'image_type': 'photo',
          'question': 'Which image shows a cat? <image> <image>', 'options': ['first', 'second', 'None'],
          'answer': 'B', 'image_list': [{'bytes': b'PNGfake1', 'path': 'a.png'}, {'bytes': b'PNGfake2', 'path': 'b.png'}],
          'counterpart_idx': 'm2'}
   rec = adapters_image.muirbench(row, ctx)
   paths = rec['path']
-  assert len(paths) == 2 and paths[0] != paths[1]
+  assert len(paths) == 2 and paths[0] != paths[1] and paths[0].startswith(str(tmp_path / 'cache' / 'muirbench'))
   assert [open(p, 'rb').read() for p in paths] == [b'PNGfake1', b'PNGfake2']
   assert rec['categories']['task'] == 'Image-Text Matching' and answer_letter_of(rec) == 'B'
   rows = [{**row, 'image_list': ['imgs/x.png']}, {**row, 'idx': 'm2', 'answer': 'D', 'image_list': ['y.png']},
@@ -196,8 +196,8 @@ def test_video_r1_passthrough(tmp_path):
            'data_source': 'MVBench'},
           {'problem_id': 2, 'problem': 'How many?', 'problem_type': 'numerical', 'solution': '<answer>3</answer>'}]
   res = load_benchmark('video_r1', _json(tmp_path / 'eval_mvbench.json', rows))
-  assert len(res.records) == 1 and res.bad['not multiple choice'] == 1
-  assert res.records[0]['categories'] == {'data_source': 'MVBench'}
+  assert len(res.records) == 1 and res.bad == {'malformed (KeyError)': 1}   # the numerical one has no path
+  assert res.records[0]['categories'] == {'data_source': 'MVBench', 'problem_type': 'multiple choice'}
 
 
 def test_check_and_errors(tmp_path):

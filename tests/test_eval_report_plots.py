@@ -32,11 +32,12 @@ def test_paper_tables_layout_matches_method_md():
   assert lines[3] == '| RAL (mine) | 50.0 | - | - | - | - | - | - | - |'
   assert '| method | LongVideoBench | NExT-QA | Video-MME | Video-MMMU | LVBench | MVBench | TempCompass |' in lines
   assert '| RAL (mine) | - | - | 75.0 | - | - | - | - |' in lines
-  # the header rows are the ones in shared/method.md section 7
-  method_md = '/work/shared/method.md'
-  if os.path.exists(method_md):
-    text = open(method_md).read()
-    assert lines[1] in text
+  # the header rows are the ones in ral_jax/docs/method.md s.7
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  method_md = os.path.join(root, 'ral_jax', 'docs', 'method.md')
+  with open(method_md) as f:
+    text = f.read()
+  assert lines[1] in text
 
 
 def test_video_r1_data_source_fills_columns():
@@ -52,7 +53,7 @@ def test_write_json_markdown_predictions(tmp_path):
   data = json.load(open(paths['json']))
   assert data['method'] == 'GRPO' and data['benchmarks']['nextqa']['accuracy'] == 75.0
   md = open(paths['markdown']).read()
-  assert '| GRPO | - | 75.0 |' in md and '### nextqa: 75.0% of 4 (1 bad records skipped' in md
+  assert '| GRPO | - | 75.0 |' in md and '### nextqa: 75.0 (accuracy); 4 of 5 items scored (1 skipped' in md
   assert '| short | 50.0 | 2 |' in md
   assert len(open(paths['nextqa']).read().splitlines()) == 4
 

@@ -31,9 +31,7 @@ def test_fake_cpu_mesh_needs_enough_devices():
 
 
 def test_compile_rl_step_on_fake_mesh_reports_memory():
-  import sys, os
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
-  import video  # configs/video.py
+  from configs import video
   config = video.get_config('tiny_ral')
   config.mesh.shape = (2, 1, 1)
   target = aot.choose_target('', 2)

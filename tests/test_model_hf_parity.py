@@ -5,7 +5,7 @@ our vision tower + decoder on: text only, one image, two images of different siz
 and second_per_grid_t = 2.0, and a left-padded and a right-padded batch mixing the four. Checked: 3-D position
 ids equal transformers' get_rope_index; logits (real tokens) within 1e-4; the attention-policy rows of the last
 layer (and of layer 0) within 1e-5 of transformers' `output_attentions` weights, head-averaged, self weight
-dropped and renormalised over earlier keys here in the test (method.md Eq. 2).
+dropped and renormalised over earlier keys here in the test (ral_jax/docs/method.md Eq. 2).
 """
 import jax
 import numpy as np

@@ -1,4 +1,5 @@
-"""The attention record (method.md s.1, Eq. 2) vs transformers' eager attention probabilities (4.57, float32)."""
+"""The attention record (ral_jax/docs/method.md s.1, Eq. 2) vs transformers' eager attention probabilities (4.57,
+float32)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""RL config validation: defaults follow method.md; bad values fail with a message naming the fix."""
+"""RL config validation: defaults follow ral_jax/docs/method.md; bad values fail with a message naming the fix."""
 import pytest
 
 from ral_jax.rl.config import AdvantageConfig, DistillConfig, GRPOConfig, ObjectiveConfig, RALConfig

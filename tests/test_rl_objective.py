@@ -82,7 +82,7 @@ def test_missing_inputs_and_update_count_checks():
     total_loss(ObjectiveConfig(distill=DistillConfig()), batch.replace(teacher_policy=None), stats, policy)
   with pytest.raises(ValueError, match='ref_logprobs'):
     total_loss(ObjectiveConfig(ral=RALConfig(lambda_attn=0.0)), batch.replace(ref_logprobs=None), stats)
-  with pytest.raises(ValueError, match='mini-batches'):
+  with pytest.raises(ValueError, match='single update'):
     check_updates_per_rollout(ObjectiveConfig(), 1)
   with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter('always')

@@ -50,9 +50,22 @@ def test_answer_score(answer, truth, ptype, score):
   assert answer_score(answer, truth, ptype) == pytest.approx(score)
 
 
+@pytest.mark.parametrize('text,want', [
+    ('B', 'B'), ('B.', 'B'), ('(B)', 'B'), ('( B )', 'B'), ('(B) a red car', 'B'), ('B) text', 'B'), ('B: red', 'B'),
+    ('B, because', 'B'), ('b', 'B'), ('b.', 'B'), ('(b)', 'B'), ('Option B', 'B'), ('option b', 'B'),
+    ('Option B is right', 'B'), ('Answer: C', 'C'), ('J', 'J'), ('J. tenth', 'J'),
+    # no delimiter after the letter: not a letter (the cases)
+    ('A red car', None), ('A cat', None), ('I think B', None), ('I am not sure', None), ('a cat', None),
+    ('b, c', None), ('Answers vary', None), ('', None), ('The answer is', None),
+])
+def test_choice_letter_needs_a_delimiter(text, want):
+  assert answers.choice_letter(text) == want
+
+
 def test_multiple_choice_option_text_and_type_spellings():
   opts = ['A. a red car', 'B. a blue bus']
-  assert answer_score('A blue bus', 'B', 'multiple_choice', opts) == 0.0      # 'A' followed by text reads as A
+  assert answer_score('A blue bus', 'B', 'multiple_choice', opts) == 1.0      # 'A' + text is no letter: the text
+  assert answer_score('A red car', 'B', MC, ['A. green', 'B. A red car']) == 1.0
   assert answer_score('a blue bus', 'B', 'Multiple-Choice', opts) == 1.0
   assert answer_score('a blue bus', 'B', MC, ['a red car', 'a blue bus']) == 1.0
   assert answers.canonical_type('NUMERICAL') == 'numerical'

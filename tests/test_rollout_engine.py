@@ -12,9 +12,9 @@ from ral_jax.rollout import engine as rollout
 from ral_jax.models import positions as positions_lib
 from ral_jax.models import vision_inputs
 from ral_jax.models.config import get_preset
-from ral_jax.models.vlm import Qwen25VL, init_params
+from ral_jax.models.vlm import Qwen25VL, init_cache, init_params
 from ral_jax.rl.logprobs import token_logprobs
-from ral_jax.rollout.sampling import SamplingConfig
+from ral_jax.rollout.sampling import SamplingConfig, sample_keys, sample_tokens
 
 CFG = get_preset('tiny')
 V = CFG.vision
@@ -213,14 +213,36 @@ def test_prompt_errors_are_clear():
     rollout.generate(params, CFG, prompts, None, jax.random.PRNGKey(0), sc)
 
 
-def test_layers_decode_equals_model_decode():
-  """decode.py's per-layer step and the model's cached __call__ (and a chunked prefill) draw the same samples."""
+def _reference_generate(params, prompts, vis, rng, sc, G):
+  """The oracle loop: prefill the G-fold repeated prompts and step through the model's own stacked cached
+  `__call__` (models/vlm.py), drawing with the engine's keys, one token per Python iteration."""
+  model = Qwen25VL(rollout.sampler_config(CFG, sc))
+  rep = lambda x, ax=0: jnp.repeat(jnp.asarray(x), G, axis=ax)
+  ids, mask, pos = rep(prompts['prompt_ids']), rep(prompts['prompt_mask']), rep(prompts['positions'], 1)
+  R, Tp = ids.shape
+  step = jax.jit(lambda p, i, q, m, v, c: model.apply({'params': p}, i, q, m, visual_embeds=v, cache=c))
+  out = step(params, ids, pos, mask, None if vis is None else rep(vis), init_cache(CFG, R, Tp + sc.max_new_tokens))
+  next_pos = positions_lib.text_positions_after(pos, mask)
+  rows = jnp.arange(R, dtype=jnp.int32)
+  tokens, logprobs = [], []
+  for j in range(sc.max_new_tokens):
+    tok, lp = sample_tokens(out.logits[:, -1], sample_keys(rng, j, rows), sc)
+    tokens.append(tok)
+    logprobs.append(lp)
+    p = jnp.broadcast_to((next_pos + j)[None, :, None], (3, R, 1)).astype(jnp.int32)
+    out = step(params, tok[:, None], p, None, None, out.cache)
+  return np.stack(tokens, 1), np.stack(logprobs, 1)
+
+
+def test_decode_equals_model_cached_call():
+  """The engine's per-layer loop (DecoderLayer.decode), also with a chunked prefill, draws the same samples as the
+  model's stacked cached __call__."""
   params, prompts, vis = _batch('video')
   sc = SamplingConfig(dtype='float32', max_new_tokens=6, temperature=0.9)
   a = rollout.generate(params, CFG, prompts, vis, jax.random.PRNGKey(3), sc, num_samples=2)
-  b = rollout.generate(params, CFG, prompts, vis, jax.random.PRNGKey(3), sc, num_samples=2, impl='model')
-  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-  np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+  want_tok, want_lp = _reference_generate(params, prompts, vis, jax.random.PRNGKey(3), sc, 2)
+  np.testing.assert_array_equal(np.asarray(a.tokens), want_tok)
+  np.testing.assert_allclose(np.asarray(a.logprobs), want_lp, atol=1e-5)
   sc1 = SamplingConfig(dtype='float32', max_new_tokens=6, temperature=0.9, prefill_batch=1)   # chunked prefill
   c = rollout.generate(params, CFG, prompts, vis, jax.random.PRNGKey(3), sc1, num_samples=2)
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(c.tokens))

@@ -26,8 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------------------------------------------------------
 
 def _tiny(algo: str, task: str = 'video', **over):
-  sys.path.insert(0, os.path.join(ROOT, 'configs'))
-  import common
+  from configs import common
   c = common.get_config_for(task, 'tiny_' + algo)
   c.rl.reward = 'default' if algo == 'ral_zero' else 'test_length'   # ral_zero: the real answer-only reward
   for k, v in over.items():
@@ -100,8 +99,8 @@ def _run_mesh(out: str):
   """One RL update (2 mini-batches, RAL on) on a 1-device mesh and on a (2, 4, 1) mesh; saves params + metrics."""
   import jax
   from ral_jax import sharding
-  from ral_jax.train import config as run_config
   from ral_jax.train import build as train_init
+  from ral_jax.train import run_setup
   from ral_jax.rl.objective import RLBatch
   from ral_jax.train.step import ModelInputs
   c = _tiny('ral')
@@ -110,9 +109,8 @@ def _run_mesh(out: str):
   results = {}
   for shape in ((1, 1, 1), (2, 4, 1)):
     c.mesh.shape = shape
-    run = run_config.build(c, 8, warn=False)
-    mesh, rules = train_init.make_mesh_and_rules(run)
-    cfg = train_init.model_config(c.model, '', 'tiny')
+    ctx = run_setup.build_run(c, warn=False, tokenizer=False)
+    run, mesh, rules, cfg = ctx.run, ctx.mesh, ctx.rules, ctx.run.model
     params = train_init.init_model_params(cfg, mesh, rules, seed=0)
     state = train_init.create_state(params, train_init.optim.make_optimizer(run.rl_optim), 0)
     steps = train_init.make_steps(run, cfg, 'rl', train_init.state_shardings_of(state))
@@ -230,7 +228,7 @@ def test_ral_term_is_zero_at_first_update_and_acts_later(preset_runs, name):
   for r in _stage_rows(preset_runs, name, 'rl'):
     for k in ('ral/loss', 'ral/jsd_pos_adv', 'ral/jsd_neg_adv', 'ral/visual_mass'):
       assert k in r
-    assert abs(r['first/ral/jsd']) < 1e-6, 'p_theta == p_old at the first mini-batch (method.md s.3)'
+    assert abs(r['first/ral/jsd']) < 1e-6, 'p_theta == p_old at the first mini-batch (ral_jax/docs/method.md s.3)'
     assert r['last/ral/jsd'] > 1e-9, 'after one update the attention policy has moved'
     assert r['adv/mean_abs'] > 0
 

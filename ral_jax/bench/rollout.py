@@ -62,7 +62,7 @@ def _decoder_weight_bytes(cfg, dtype_bytes=2):
   return (L * per_layer + D + D * V) * dtype_bytes
 
 
-def run_jax(args, preset: str, prompts, impl: str = 'layers'):
+def run_jax(args, preset: str, prompts):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -100,19 +100,19 @@ def run_jax(args, preset: str, prompts, impl: str = 'layers'):
          ).astype(jnp.bfloat16)
   jax.block_until_ready((params, vis))
   t_init = time.perf_counter() - t0
-  pb = args.prefill_batch if impl == 'layers' and prompts % max(args.prefill_batch, 1) == 0 else 0
+  pb = args.prefill_batch if prompts % max(args.prefill_batch, 1) == 0 else 0
   sc = SamplingConfig(max_new_tokens=new, ignore_stop=True, dtype='bfloat16', prefill_batch=pb)
-  weights = rollout.sampler_weights(params, cfg, sc, G, impl=impl)
+  weights = rollout.sampler_weights(params, cfg, sc, G)
 
   def timed(seed, warm=False):
     key = jax.random.PRNGKey(seed)
     t0 = time.perf_counter()
-    state = rollout.prefill(params, cfg, batch, vis, key, sc, G, impl=impl)
+    state = rollout.prefill(params, cfg, batch, vis, key, sc, G)
     jax.block_until_ready(state)
     t1 = time.perf_counter()
     if warm:   # compiles the decode program; all rows done, so the loop exits at once
       state = state.replace(done=jnp.ones_like(state.done))
-    out = rollout.decode(weights, cfg, state, key, sc, G, impl=impl)
+    out = rollout.decode(weights, cfg, state, key, sc, G)
     jax.block_until_ready(out)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, out
@@ -128,7 +128,7 @@ def run_jax(args, preset: str, prompts, impl: str = 'layers'):
   wbytes = _decoder_weight_bytes(cfg)
   bound_bytes, kv_final = _bound(cfg, rows, tp, new, wbytes)
   bw = _bandwidth(dev.device_kind)
-  res = dict(impl='jax' if impl == 'layers' else 'jax-' + impl, preset=preset, device=dev.device_kind,
+  res = dict(impl='jax', preset=preset, device=dev.device_kind, jax=jax.__version__,
              prompts=prompts, G=G, rows=rows, prompt_len=tp,
              new_tokens=new, init_s=t_init, first_call_s=t_compile, prefill_s=t_pre, decode_s=t_dec,
              decode_tok_s=rows * (new - 1) / t_dec, total_s=t_pre + t_dec, new_tok_s=rows * new / (t_pre + t_dec),
@@ -210,8 +210,8 @@ def _print(res):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--runs', default='jax:qwen2_5_vl_7b:8,hf:qwen2_5_vl_7b:8',
-                  help='comma list of impl:preset:prompts; impl jax (decode.py step), jax-model (the model\'s '
-                       'cached __call__ per step) or hf; prompts an integer or fill (jax: as many as the card holds)')
+                  help='comma list of impl:preset:prompts; impl jax (the rollout engine) or hf (transformers '
+                       'generate); prompts an integer or fill (jax: as many as the card holds)')
   ap.add_argument('--G', type=int, default=8)
   ap.add_argument('--visual', type=int, default=2000, help='visual tokens per prompt (after merging)')
   ap.add_argument('--text', type=int, default=100, help='text tokens per prompt')
@@ -224,7 +224,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.one:
     impl, preset, prompts = args.one.split(':')
-    fn = {'jax': run_jax, 'jax-model': lambda *a: run_jax(*a, impl='model'), 'hf': run_hf}[impl]
+    fn = {'jax': run_jax, 'hf': run_hf}[impl]
     print('RESULT ' + json.dumps(fn(args, preset, prompts if prompts == 'fill' else int(prompts))), flush=True)
     return
   results = []

@@ -9,7 +9,9 @@ Output dict (ok record):
   evidence_mask [L] int32        1 at vision pad tokens whose merged token overlaps the record's evidence
                                 (data/evidence.py); all 0 without evidence.  has_evidence: int32 0/1
   id, answer, problem_type, options (JSON list), source, data_source, question: str
-A bad record gives {'bad_reason', 'bad_detail', 'id', 'source'} instead (pipeline counts and drops it).
+A bad record gives {'bad_reason', 'bad_detail', 'id', 'source'} instead (pipeline counts and drops it): a BadRecord
+with its reason, or any other exception raised while processing that one record as 'processing_error' (type and
+message kept), so one odd record never stops a run; the bad-fraction limit stops a run whose every record fails.
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ class ExampleProcessor:
       return self.process(ex)
     except BadRecord as e:
       return {'bad_reason': e.reason, 'bad_detail': e.detail, 'id': ex.id, 'source': ex.source}
+    except Exception as e:  # noqa: BLE001 - per-record: counted as bad, never a crash inside a Grain worker
+      return {'bad_reason': 'processing_error', 'bad_detail': f'{type(e).__name__}: {e}', 'id': ex.id,
+              'source': ex.source}
 
   def load_media(self, ex: Example, orig_sizes: Optional[list] = None):
     """(patches, grid_thw, media_kind, second_per_grid_t); appends each item's original (H, W) to orig_sizes."""

@@ -7,21 +7,24 @@ Video frame sampling (the qwen-vl-utils rule, restated): with N decodable frames
   sample_fps = n / N * r,   second_per_grid_t = temporal_patch / sample_fps.
 A clip of a single frame gives n = 1 (the processor repeats it to fill the temporal patch). Frame i is the i-th
 frame in presentation order (packet pts sorted); sparse sampling of long clips seeks to keyframes.
-Failures raise BadRecord: 'missing_media' (no such file), 'corrupt_media' (undecodable), 'zero_frames' (no video
-stream, or no decodable frame).
+Failures raise BadRecord: 'missing_media' (no such file), 'corrupt_media' (undecodable; a video whose container
+index lists more frames than decode, e.g. a truncated MP4 with its index at the front), 'zero_frames' (no video
+stream, or no decodable frame), 'media_over_budget' (an image of more than MAX_IMAGE_PIXELS pixels, refused from its
+header before decoding: a decompression bomb of a few KB on disk).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ral_jax import paths
 from ral_jax.data.badinput import BadRecord
 
 SEEK_SPARSITY = 8  # seek when the clip has at least this many frames per sampled frame
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb warning threshold (PIL.Image.MAX_IMAGE_PIXELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +40,13 @@ class VideoConfig:
 
 
 def _check_exists(path: str) -> None:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise BadRecord('missing_media', f'no such file {path}')
+
+
+def _source(path: str):
+  """What Pillow / PyAV open: the path, or a file object for a URL (gs://...)."""
+  return paths.open(path, 'rb') if paths.is_remote(path) else path
 
 
 def load_image(path: str) -> np.ndarray:
@@ -46,10 +54,16 @@ def load_image(path: str) -> np.ndarray:
   from PIL import Image
   _check_exists(path)
   try:
-    with Image.open(path) as img:
+    with Image.open(_source(path)) as img:
+      w, h = img.size
+      if w * h > MAX_IMAGE_PIXELS:
+        raise BadRecord('media_over_budget', f'image {path} is {w}x{h} = {w * h} pixels, above the decoding limit '
+                        f'{MAX_IMAGE_PIXELS} (media.MAX_IMAGE_PIXELS)')
       img.load()
       rgb = img if img.mode == 'RGB' else img.convert('RGB')
       arr = np.asarray(rgb, np.uint8)
+  except Image.DecompressionBombError as e:   # Image.open refuses above 2 * PIL.Image.MAX_IMAGE_PIXELS itself
+    raise BadRecord('media_over_budget', f'image {path} is too large to decode: {e}') from e
   except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
     raise BadRecord('corrupt_media', f'cannot decode image {path}: {e}') from e
   if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -69,7 +83,7 @@ def _index(path: str):
   """(native fps, presentation-ordered frame pts or None, keyframe pts or None, frame count) from one demux pass
   (no decoding). The pts lists are None when some packet has no pts (then only sequential decoding is used)."""
   import av
-  with av.open(path) as c:
+  with av.open(_source(path)) as c:
     if not c.streams.video:
       raise BadRecord('zero_frames', f'{path} has no video stream')
     s = c.streams.video[0]
@@ -92,7 +106,7 @@ def _decode_seek(path: str, keep: np.ndarray, pts: np.ndarray, keys: np.ndarray)
   decodes sequentially)."""
   import av
   out = {}
-  with av.open(path) as c:
+  with av.open(_source(path)) as c:
     s = c.streams.video[0]
     s.thread_type = 'AUTO'
     frames, last = None, None
@@ -122,7 +136,7 @@ def _decode(path: str, keep: np.ndarray) -> Tuple[List[np.ndarray], int]:
   """The frames at sorted indices `keep` (repeats allowed) and the number of frames decoded."""
   import av
   out, want, i = [], list(keep), 0
-  with av.open(path) as c:
+  with av.open(_source(path)) as c:
     s = c.streams.video[0]
     s.thread_type = 'AUTO'
     for frame in c.decode(s):
@@ -152,10 +166,13 @@ def load_video(path: str, cfg: VideoConfig) -> Tuple[np.ndarray, float]:
       frames = _decode_seek(path, keep, pts, keys)
     if frames is None:
       frames, decoded = _decode(path, keep)
-      if len(frames) < len(keep):  # the container over-reported its frame count: resample on the true count
+      if len(frames) < len(keep):
         if decoded == 0:
           raise BadRecord('zero_frames', f'video {path} has no decodable frames')
-        total = decoded
+        if pts is not None:   # the demuxed packets promised `total` frames: the file is damaged or truncated
+          raise BadRecord('corrupt_media', f'video {path}: only {decoded} of its {total} demuxed frames decode '
+                          f'({len(frames)} of the {len(keep)} sampled frames); truncated or damaged file?')
+        total = decoded       # the header over-reported its frame count: resample on the true count
         keep = sample_indices(total, rate, cfg)
         frames, _ = _decode(path, keep)
     frames = np.stack(frames)  # ValueError if the frame size changes mid-stream

@@ -1,11 +1,15 @@
 """The Grain input pipeline: manifests -> shuffled, sharded, processed, bucketed batches.
 
-  records (main process, parsed once) -> MapDataset.source -> [shard_index::shard_count] -> shuffle(seed)
-    -> repeat(num_epochs; reshuffled each epoch) -> map(features.ExampleProcessor: media, patches, prompt, tokens,
+  records (main process, parsed once) -> MapDataset.source -> shuffle(seed) -> repeat(num_epochs; reshuffled
+    each epoch) -> host rows (HostRows) -> map(features.ExampleProcessor: media, patches, prompt, tokens,
     positions) -> to_iter_dataset (read_threads) -> mp_prefetch(num_workers; skipped when 0)
     -> filter(bad records: counted + logged in the main process) -> batch(batch_size, collate.Collator)
-Sharding is by record index before shuffling: host i of n reads records i, i+n, ...; the shards are disjoint and
-together complete. The iterator's get_state()/set_state() (grain DatasetIterator) restores the exact position; the
+Sharding is by global batch: every host shuffles the whole record list with the same seed; global batch j is
+elements [j*B, (j+1)*B) of that stream (B = batch_size * shard_count) and host i reads its rows
+[i*batch_size, (i+1)*batch_size) of it, which is where jax.make_array_from_process_local_data puts host i's rows.
+So the shards are disjoint and together complete, and the global batches are those of one host reading everything:
+a run gives the same batches on any number of hosts (as long as no record is bad; a bad record is replaced by the
+host's next one). The iterator's get_state()/set_state() (grain DatasetIterator) restores the exact position; the
 bad-input counts are metrics only and are not part of that state. A record is skipped, never truncated; see
 badinput.py for the reasons and the bad-fraction limit.
 
@@ -19,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-from ral_jax.data.badinput import BadInputCounter, BadRecord
+import grain
+
+from ral_jax.data.badinput import BadInputCounter, BadRecord, DataError
 from ral_jax.data.collate import Collator
 from ral_jax.data.features import ExampleProcessor
 from ral_jax.data.media import VideoConfig
@@ -85,6 +91,37 @@ class Pipeline:
   num_records: int            # good records after manifest parsing (this host's shard)
 
 
+def host_rows_count(total: int, rows: int, hosts: int, index: int) -> int:
+  """Elements of a `total`-element stream that host `index` reads (HostRows)."""
+  full, rem = divmod(total, rows * hosts)
+  return full * rows + max(0, min(rows, rem - index * rows))
+
+
+class HostRows(grain.MapDataset):
+  """Host `index`'s rows of each global batch of `rows * hosts` elements: its element k is element
+  (k // rows) * rows * hosts + index * rows + k % rows of the parent."""
+
+  def __init__(self, parent, rows: int, hosts: int, index: int):
+    super().__init__(parent)
+    self._rows, self._hosts, self._index = rows, hosts, index
+    self._len = host_rows_count(len(parent), rows, hosts, index)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def _parent_index(self, k: int) -> int:
+    batch, row = divmod(k, self._rows)
+    return batch * self._rows * self._hosts + self._index * self._rows + row
+
+  def __getitem__(self, k):
+    if isinstance(k, slice):
+      return self.slice(k)
+    return self._parents[0][self._parent_index(k)]
+
+  def __str__(self) -> str:
+    return f'HostRows(rows={self._rows}, hosts={self._hosts}, index={self._index})'
+
+
 class _SkipBad:
   """Main-process filter: counts good/bad elements (and enforces the bad fraction), drops bad ones."""
 
@@ -99,8 +136,25 @@ class _SkipBad:
     return True
 
 
-def make_pipeline(dcfg: DataConfig, mcfg) -> Pipeline:
-  """The pipeline for one host. mcfg: models.config.ModelConfig (token ids and vision geometry)."""
+class _CheckedCollator:
+  """A batch that cannot be collated stops the run naming its records and files (a batch-level failure: the
+  per-record checks upstream passed)."""
+
+  def __init__(self, collate):
+    self.collate = collate
+
+  def __call__(self, items):
+    try:
+      return self.collate(items)
+    except Exception as e:  # noqa: BLE001
+      where = sorted({f"{x.get('source', '?')}" for x in items})
+      ids = [str(x.get('id', '?')) for x in items][:8]
+      raise DataError(f'cannot collate a batch of records {ids} from {where}: {type(e).__name__}: {e}') from e
+
+
+def make_pipeline(dcfg: DataConfig, mcfg, counter: Optional[BadInputCounter] = None) -> Pipeline:
+  """The pipeline for one host. mcfg: models.config.ModelConfig (token ids and vision geometry). `counter`: a
+  BadInputCounter shared with other pipelines of the same run (files read by several are counted once per line)."""
   import grain
   from ral_jax.data import tokenizer as tokenizer_lib
   if not dcfg.manifests:
@@ -111,14 +165,16 @@ def make_pipeline(dcfg: DataConfig, mcfg) -> Pipeline:
                      'ProcessorConfig.from_vision(model_cfg.vision, ...)')
   tok = tokenizer_lib.load_tokenizer(dcfg.tokenizer)
   ids = tokenizer_lib.check_matches_model(tok, mcfg)
-  counter = BadInputCounter(dcfg.max_bad_fraction, dcfg.bad_min_records)
+  counter = counter or BadInputCounter(dcfg.max_bad_fraction, dcfg.bad_min_records)
   records = load_manifests(dcfg.manifests, counter, dcfg.data_root)
-  ds = grain.MapDataset.source(records)[dcfg.shard_index::dcfg.shard_count]
-  n = len(ds)
+  ds = grain.MapDataset.source(records).shuffle(seed=dcfg.seed)
+  n = host_rows_count(len(records), dcfg.batch_size, dcfg.shard_count, dcfg.shard_index)
   if n == 0:
     raise ValueError(f'shard {dcfg.shard_index} of {dcfg.shard_count} is empty: {len(records)} records are too '
                      'few for this many hosts')
-  ds = ds.shuffle(seed=dcfg.seed).repeat(dcfg.num_epochs).map(ExampleProcessor(dcfg, mcfg, tokenizer_lib.text_encoder(tok)))
+  ds = ds.repeat(dcfg.num_epochs)
+  ds = HostRows(ds, dcfg.batch_size, dcfg.shard_count, dcfg.shard_index) if dcfg.shard_count > 1 else ds
+  ds = ds.map(ExampleProcessor(dcfg, mcfg, tokenizer_lib.text_encoder(tok)))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=dcfg.read_threads, prefetch_buffer_size=2 * dcfg.batch_size))
   if dcfg.num_workers > 0:
     from absl import flags
@@ -129,5 +185,5 @@ def make_pipeline(dcfg: DataConfig, mcfg) -> Pipeline:
   it = it.filter(_SkipBad(counter))
   collate = Collator(ids.pad, dcfg.prompt_buckets, dcfg.patch_buckets, dcfg.target_buckets, dcfg.max_media,
                      mcfg.vision, dcfg.full_chunk)
-  it = it.batch(dcfg.batch_size, drop_remainder=dcfg.drop_remainder, batch_fn=collate)
+  it = it.batch(dcfg.batch_size, drop_remainder=dcfg.drop_remainder, batch_fn=_CheckedCollator(collate))
   return Pipeline(it, counter, n)

@@ -3,7 +3,7 @@
 Prompt styles (`PromptConfig.style`):
   'think'        the think/answer format of the paper's RAL runs: the system prompt asks for
                  `<think> ... </think><answer> ... </answer>`.
-  'answer_only'  RAL-zero (method.md s.4): the system prompt asks for `<answer> ... </answer>` only.
+  'answer_only'  RAL-zero (ral_jax/docs/method.md s.4): the system prompt asks for `<answer> ... </answer>` only.
 The user turn is the media placeholder(s) followed by the question text, formatted as Video-R1 does:
   problem + '\nOptions:\n' + one option per line ('A. red'), then the answer-type instruction
   (Video-R1's TYPE_TEMPLATE wording) when `type_instruction` is on.

@@ -38,11 +38,16 @@ class SpecialIds:
   vision_end: int
 
 
+def tokenizer_path(path: Optional[str] = None) -> str:
+  """The directory of a tokenizer name: None, '' or 'embedded' -> the embedded tokenizer's directory."""
+  return EMBEDDED_DIR if path in (None, '', 'embedded') else path
+
+
 def load_tokenizer(path: Optional[str] = None):
   """A transformers fast tokenizer from a local directory (None / 'embedded': the embedded one)."""
   os.environ.setdefault('HF_HUB_OFFLINE', '1')
   from transformers import AutoTokenizer
-  path = EMBEDDED_DIR if path in (None, '', 'embedded') else path
+  path = tokenizer_path(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'tokenizer directory {path!r} does not exist: point the config at a local checkpoint '
                             "directory or use 'embedded'")

@@ -2,7 +2,7 @@
 
 `snapshot(ctx, params, batch, out_dir, tag, ...)` is what the trainer calls every E steps (and the evaluation
 loop on its first batch): it decodes greedily, runs the training forward once over `prompt | response` with the
-attention record of one layer (rows of the response tokens, method.md s.1), and draws, for the first few
+attention record of one layer (rows of the response tokens, ral_jax/docs/method.md s.1), and draws, for the first few
 examples, the visual-token attention averaged over the answer (heatmaps.render_batch). Only process 0 writes.
 
 Everything device-side reuses the trainer's pieces: stages.Context (vision tower, sampling config), rollout.generate,

@@ -1,10 +1,10 @@
 """Pictures of the attention policy: visual-token attention mapped back to patches and overlaid on the pixels.
 
-The recorded policy row of a response token (models.vlm, method.md Eq. 2) is a distribution over all earlier
-positions. Its entries at the image/video pad tokens are the attention on visual tokens: the k-th such position is
-merged visual token k of the example (INTERFACES.md, Vision inputs). Merged tokens come media after media, each
-in (t, h/m, w/m) row-major order, where t counts temporal patches (`temporal_patch_size` frames each) and one
-merged token covers m x m patches, i.e. (m * patch_size)^2 pixels (28 x 28 for Qwen2.5-VL).
+The recorded policy row of a response token (models.vlm, ral_jax/docs/method.md Eq. 2) is a distribution over all
+earlier positions. Its entries at the image/video pad tokens are the attention on visual tokens: the k-th such
+position is merged visual token k of the example (INTERFACES.md, Vision inputs). Merged tokens come media
+after media, each in (t, h/m, w/m) row-major order, where t counts temporal patches (`temporal_patch_size` frames
+each) and one merged token covers m x m patches, i.e. (m * patch_size)^2 pixels (28 x 28 for Qwen2.5-VL).
 
 The pixels are rebuilt from `pixel_values` (HF patch order, normalised with the processor's mean/std), so the
 picture shows exactly what the model saw. One PNG per image, one per temporal patch of a video (labelled with its

@@ -1,8 +1,12 @@
-"""Decoder self-attention of Qwen2.5-VL (GQA, q/k/v bias, M-RoPE) and the attention record of method.md s.1.
+"""Decoder self-attention of Qwen2.5-VL (GQA, q/k/v bias, M-RoPE) and the attention record (ral_jax/docs/method.md
+s.1).
 
 Shapes: x [B,T,D]; q [B,T,N,H]; k, v [B,S,K,H] with N = K * G (GQA groups G). Slots: query t of a sequence sits
 at key slot t (no cache) or at slot index[b] + t (KV cache); a key j is visible to query slot i iff
 key_valid[b, j] and j <= i (causal, self included), exactly as transformers' eager attention with a padding mask.
+
+Two cache layouts: the model's cached `__call__` (prefill, tests) keeps [B,Smax,K,H] per layer; `Attention.decode`
+(the rollout's one-token step) keeps [R,K,S,H] per layer, so that both einsums of a T = 1 query read the cache once.
 
 Two computations use the projected, rotated q and k:
 - the layer output (`Attention.__call__`), always through `jax.nn.dot_product_attention`
@@ -32,7 +36,7 @@ def visibility_mask(key_valid, q_slot):
 
 
 def attention_record(q, k, key_valid, rows, *, chunk: int, with_heads: bool = False):
-  """Head-averaged attention policy rows (method.md Eq. 2) of one layer, in float32.
+  """Head-averaged attention policy rows (ral_jax/docs/method.md Eq. 2) of one layer, in float32.
 
   q [B,T,N,H] (rotated queries), k [B,S,K,H] (rotated keys, S == T), key_valid [B,S] bool, rows [B,R] int32
   (query positions; < 0 marks an unused row). For row r of example b with t = rows[b,r]:
@@ -83,6 +87,23 @@ def attention_record(q, k, key_valid, rows, *, chunk: int, with_heads: bool = Fa
   return policy, heads
 
 
+def attend_cache(q, k, v, valid):
+  """One query per row over a per-row cache: q [R,1,N,H], k/v [R,K,S,H], valid [R,S] bool -> [R,1,N,H].
+
+  softmax_s(q . k_s / sqrt(H)) over valid slots, as `jax.nn.dot_product_attention`'s XLA path computes it (float32
+  logits and softmax, probabilities cast to v's dtype). The (rows, kv heads) batch dims lead, so both einsums are
+  plain batched matmuls that read the cache once, with no transposed copy."""
+  R, _, N, H = q.shape
+  K = k.shape[1]
+  qg = q.reshape(R, K, N // K, H)
+  logits = jnp.einsum('rkgh,rksh->rkgs', qg, k, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(1.0 / math.sqrt(H))
+  logits = jnp.where(valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum('rkgs,rksh->rkgh', probs, v)
+  return out.reshape(R, 1, N, H)
+
+
 def write_cache(cache, new, index):
   """cache [B,Smax,...], new [B,T,...], index [B] int32 -> cache with new[b] written at slots index[b]..+T."""
   def one(c, n, i):
@@ -123,6 +144,20 @@ class Attention(nn.Module):
     policy, heads = attention_record(q, k, key_valid, record_rows, chunk=self.cfg.record_chunk,
                                      with_heads=record_heads)
     return {'policy': policy, 'heads': heads} if record_heads else {'policy': policy}
+
+  def decode(self, x, cos, sin, k_cache, v_cache, valid, slot):
+    """One new token per row on this layer's own cache (the rollout's decode step).
+
+    x [R,1,D] (normed layer input); cos/sin [R,1,H]; k_cache/v_cache [R,K,S,H]; valid [R,S] bool with the new
+    slot already marked; slot [] int32, the cache slot shared by all rows. Writes the token's k/v at `slot` and
+    attends over the valid slots. Returns (out [R,1,D], k_cache, v_cache)."""
+    q = apply_rope(self.q_proj(x), cos, sin)
+    k = apply_rope(self.k_proj(x), cos, sin)
+    v = self.v_proj(x)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, slot, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, slot, 0))
+    out = attend_cache(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), valid)
+    return self.o_proj(out), k_cache, v_cache
 
   def __call__(self, x, cos, sin, key_valid, q_slot, *, kv_cache=None, cache_index=None, causal_fast: bool = True):
     """x [B,T,D]; cos/sin [B,T,H]; key_valid [B,S] bool, or None = all valid (S = T, or the cache length with

@@ -11,6 +11,16 @@ import dataclasses
 from typing import Any, Optional, Sequence, Tuple
 
 
+DTYPES = ('float32', 'bfloat16', 'float16')
+REMAT_POLICIES = ('none', 'nothing_saveable', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
+ATTENTION_IMPLS = (None, 'xla', 'cudnn')
+
+
+def _dtype_name(d) -> str:
+  """'bfloat16', jnp.bfloat16 or np.dtype('float32') -> its name."""
+  return d if isinstance(d, str) else getattr(d, 'name', None) or getattr(d, '__name__', str(d))
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   depth: int = 32
@@ -88,6 +98,12 @@ class ModelConfig:
       raise ValueError(f'mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}')
     if self.vision.out_hidden_size != self.hidden_size:
       raise ValueError(f'vision.out_hidden_size {self.vision.out_hidden_size} != hidden_size {self.hidden_size}')
+    for name, value, allowed in (('dtype', _dtype_name(self.dtype), DTYPES),
+                                 ('param_dtype', _dtype_name(self.param_dtype), DTYPES),
+                                 ('remat_policy', self.remat_policy, REMAT_POLICIES),
+                                 ('attention_impl', self.attention_impl, ATTENTION_IMPLS)):
+      if value not in allowed:
+        raise ValueError(f'model.{name}={value!r}: choose one of {allowed}')
 
   @property
   def head_dim(self) -> int:

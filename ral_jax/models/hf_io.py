@@ -127,6 +127,16 @@ def _assign(dst: np.ndarray, src: np.ndarray, block: int = 256) -> None:
       op(d2[i:i + block, j:j + block], s2[i:i + block, j:j + block])
 
 
+def _check_finite(x: np.ndarray, name: str, where) -> None:
+  """Refuses a tensor holding NaN or Inf at load time, naming it and its file (else step 1 fails far away)."""
+  if np.issubdtype(x.dtype, np.floating) or x.dtype == DTYPES['BF16']:
+    finite = np.isfinite(x.astype(np.float32) if x.dtype == DTYPES['BF16'] else x)
+    if not finite.all():
+      bad = int(x.size - np.count_nonzero(finite))
+      raise ValueError(f'tensor {name!r} in {where[name].path} holds {bad} NaN/Inf value(s): the checkpoint is '
+                       'damaged (or was saved from a diverged run); refusing to load it')
+
+
 def _leaf_callback(spec: hf_names.Spec, where, dtype):
   """index (tuple of slices into the full Flax leaf) -> that shard, read layer by layer."""
   def read(i):
@@ -139,9 +149,11 @@ def _leaf_callback(spec: hf_names.Spec, where, dtype):
     out = np.empty(shape, dtype)
     if not spec.layers:
       _assign(out, read(0)[index])
+      _check_finite(out, spec.hf_name(0), where)
       return out
     for j, l in enumerate(range(spec.layers)[index[0]]):
       _assign(out[j], read(l)[index[1:]])
+      _check_finite(out[j], spec.hf_name(l), where)
     return out
   return cb
 

@@ -1,6 +1,7 @@
 """3-D M-RoPE position ids for Qwen2.5-VL sequences (host side, numpy).
 
-The rule (original Qwen2.5-VL, design.md), over the real tokens of one sequence (attention_mask == 1) in order:
+The rule (original Qwen2.5-VL, ral_jax/docs/design.md), over the real tokens of one sequence (attention_mask == 1),
+in order:
   - a text run starts at `start = (max position used so far) + 1` (0 at the beginning) and counts up by one in all
     three rows (t, h, w);
   - a vision block of one media item with grid (t, h, w) patches has t * (h/m) * (w/m) tokens (m = spatial merge

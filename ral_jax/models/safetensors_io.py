@@ -54,7 +54,19 @@ class SafetensorsFile:
     self._start = 8 + n
     self._entries = header
     self.header = {k: (v['dtype'], tuple(v['shape'])) for k, v in header.items()}
+    self._check_extents(size - self._start)
     self._map = np.memmap(path, dtype=np.uint8, mode='r') if size > self._start else np.zeros(0, np.uint8)
+
+  def _check_extents(self, data_bytes: int) -> None:
+    """Every tensor's byte range lies inside the file (a truncated download fails here, naming the tensor)."""
+    for name, e in self._entries.items():
+      try:
+        begin, end = (int(x) for x in e['data_offsets'])
+      except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f'{self.path}: tensor {name!r} has no valid data_offsets in the header') from err
+      if not 0 <= begin <= end or end > data_bytes:
+        raise ValueError(f'{self.path}: tensor {name!r} needs bytes [{begin}, {end}) of the data buffer but the file '
+                         f'holds only {data_bytes}: the file is truncated or damaged (download it again)')
 
   def keys(self) -> List[str]:
     return list(self._entries)

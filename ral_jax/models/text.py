@@ -6,8 +6,8 @@ init of `DecoderLayer` and applied with plain JAX: `lax.scan` over slices of the
 Python loop over layers (False). Both give the same parameter tree, so checkpoints and hf_io do not depend on it.
 Each layer runs under `jax.checkpoint` with the policy named by `cfg.remat_policy` (see `remat_policy`).
 
-Recorded layers (method.md s.1) pay for the record alone: all L layers run in one scan (or loop) on the fast
-attention path; the scan carries the input hidden state of each recorded layer ([n_rec,B,T,D], updated by a select,
+Recorded layers (ral_jax/docs/method.md s.1) pay for the record alone: all L layers run in one scan (or loop) on the
+fast attention path; the scan carries the input hidden state of each recorded layer ([n_rec,B,T,D], updated by a select,
 so nothing is stacked over L), and after the stack `DecoderLayer.record` recomputes that layer's normed input, q and
 k (a few percent of one layer's FLOPs) and the record. Gradients reach the layer's q/k/norm parameters and, through
 the kept input, every layer below. (Cutting the stack into scans around the recorded layer instead would copy the
@@ -15,6 +15,8 @@ sliced parameter stacks and their gradients: +13 GB at 7B.)
 
 KV cache (decode): see `ral_jax/models/vlm.py` for the cache pytree; here layer i reads and writes slice i of
 cache['k'] / cache['v'] [L,B,Smax,K,H] carried through the scan (in place under donation).
+One-token decoding (the rollout): `DecoderLayer.decode` is the same block on one layer's own [R,K,S,H] cache, run
+by models.vlm.decode_token over per-layer weights (see vlm.py for why the sampler does not use the scanned stack).
 """
 from __future__ import annotations
 
@@ -64,6 +66,14 @@ class DecoderLayer(nn.Module):
     h = h + a
     h = h + self.mlp(self.post_attention_layernorm(h))
     return nn.with_logical_constraint(h, _H_AXES), new_cache
+
+  def decode(self, h, cos, sin, k_cache, v_cache, valid, slot):
+    """The same block for one new token per row on this layer's [R,K,S,H] cache (see Attention.decode).
+    h [R,1,D] -> (h [R,1,D], k_cache, v_cache)."""
+    a, k_cache, v_cache = self.self_attn.decode(self.input_layernorm(h), cos, sin, k_cache, v_cache, valid, slot)
+    h = h + a
+    h = h + self.mlp(self.post_attention_layernorm(h))
+    return h, k_cache, v_cache
 
   def record(self, h, cos, sin, key_valid, record_rows, record_heads: bool = False):
     """Attention record of this layer from its input h [B,T,D] (needs input_layernorm, q_proj, k_proj only)."""

@@ -8,11 +8,11 @@ Usage (INTERFACES.md "Model"):
                     record_rows=rows, record_layers=(-1,), record_heads=False, return_hidden=False, cache=None)
   out.logits [B,T,V] f32 | out.hidden [B,T,D] | out.record {layer: {'policy' [B,R,S], 'heads' [B,N,R,S]}} |
   out.cache (decode only)
-Record (method.md s.1; models/attention.py attention_record): keys are int layer indices >= 0 (record_layers may
-be negative, -1 = last); 'policy' = head-mean softmax over keys j <= row, self dropped, renormalised over j < row,
-padding keys 0, float32, all-zero for rows < 0 or rows without an earlier real key; 'heads' (record_heads=True) =
-the raw per-head alpha (self included, not renormalised), for visualisation. Gradients reach the recorded layer's
-q/k (+ input norm) and everything below; the layer's v/o/MLP and lm_head get none from it.
+Record (ral_jax/docs/method.md s.1; models/attention.py attention_record): keys are int layer indices >= 0
+(record_layers may be negative, -1 = last); 'policy' = head-mean softmax over keys j <= row, self dropped,
+renormalised over j < row, padding keys 0, float32, all-zero for rows < 0 or rows without an earlier real key;
+'heads' (record_heads=True) = the raw per-head alpha (self included, not renormalised), for visualisation. Gradients
+reach the recorded layer's q/k (+ input norm) and everything below; the layer's v/o/MLP and lm_head get none from it.
 
 Visual embeddings: the k-th token of example b whose id is image_token_id or video_token_id takes
 visual_embeds[b, k] (cumulative-count gather, static shapes); all other tokens take the embedding table.
@@ -45,6 +45,18 @@ Prefill: call with the left-padded prompt [B,Tp] (its attention_mask, positions 
 attention_mask [B,1] (1, or 0 for a token that later queries must ignore); writes slot index[b] and advances it.
 Query at slot i attends to slots j <= i with mask[j]. Decoding logits equal the full forward's at the same positions.
 Donate the cache to the jitted step (`lax.while_loop` carries it).
+
+Per-layer decoding (the rollout engine's loop; `decode_token`): the stacked cache above, carried through a
+`lax.scan` over stacked weights, costs per layer a copy of the cache slice out of the stack, a scatter, a write back
+and a dynamic-slice copy of the layer weights: several passes over memory for one token. Decoding is bound by memory
+bandwidth, so the sampler instead keeps
+  weights `decode_weights(params, cfg, dtype)`: {'embed', 'layers': (L per-layer trees), 'norm', 'lm_head'} in the
+          sampling dtype (made once per rollout, together with the cast);
+  cache   `per_layer_cache(cache, G)`: {'k': (L x [R,K,S,H]), 'v': (...), 'valid': [R,S] bool}, each prompt's row
+          repeated G times (row b*G + g);
+and runs the layers unrolled, each through `DecoderLayer.decode` (the model's own block: one token written at the
+slot shared by all rows, attention reading the layer's cache once). Tests check it against the full forward and
+against the cached `__call__` above.
 """
 from __future__ import annotations
 
@@ -55,8 +67,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ral_jax.models.layers import DenseGeneral, canon_dtype
-from ral_jax.models.text import TextModel
+from ral_jax.models.layers import DenseGeneral, Embed, RMSNorm, canon_dtype
+from ral_jax.models.rope import mrope_angles
+from ral_jax.models.text import DecoderLayer, TextModel
+from ral_jax.models.vision import VisionTower
 
 
 @flax.struct.dataclass
@@ -85,6 +99,11 @@ def scatter_visual(embeds, input_ids, visual_embeds, image_token_id: int, video_
   return jnp.where(is_vis[:, :, None], gathered, embeds)
 
 
+def tied_logits(hidden, embedding, dtype):
+  """hidden [B,T,D], embedding [V,D] -> logits [B,T,V] float32 (the tied lm head: matmul in dtype, f32 accumulate)."""
+  return jnp.einsum('btd,vd->btv', hidden.astype(dtype), embedding.astype(dtype), preferred_element_type=jnp.float32)
+
+
 def lm_head_kernel(params, cfg) -> jax.Array:
   """The [D,V] output projection: the transposed embedding when tied, else params['lm_head']['kernel']."""
   if cfg.tie_word_embeddings:
@@ -98,27 +117,19 @@ class Qwen25VL(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.dt, self.pdt = canon_dtype(cfg.dtype), canon_dtype(cfg.param_dtype)
-    try:
-      from ral_jax.models.vision import VisionTower   # owned by models/vision.py
-    except ImportError as e:                          # decoder-only use still works
-      self._vision_error = e
-    else:
-      self.visual = VisionTower(cfg.vision, self.dt, self.pdt, attention_impl=cfg.attention_impl)
+    self.visual = VisionTower(cfg.vision, self.dt, self.pdt, attention_impl=cfg.attention_impl)
     self.model = TextModel(cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = DenseGeneral((cfg.vocab_size,), ('embed',), ('vocab',), dtype=self.dt, param_dtype=self.pdt)
 
   def encode_vision(self, pixel_values, vision_meta):
     """pixel_values [B,P,patch_dim], vision_meta (models.vision_inputs) -> visual_embeds [B,Nv,D]."""
-    if not hasattr(self, 'visual'):
-      raise ImportError(f'ral_jax.models.vision.VisionTower is unavailable: {self._vision_error}')
     return self.visual(pixel_values, vision_meta)
 
   def logits_from_hidden(self, hidden):
     """hidden [B,T,D] -> logits [B,T,V] float32 (matmul in the compute dtype, float32 accumulation)."""
     if self.cfg.tie_word_embeddings:
-      w = self.model.embed_tokens.embedding
-      return jnp.einsum('btd,vd->btv', hidden.astype(self.dt), w.astype(self.dt), preferred_element_type=jnp.float32)
+      return tied_logits(hidden, self.model.embed_tokens.embedding, self.dt)
     return self.lm_head(hidden).astype(jnp.float32)
 
   def __call__(self, input_ids, positions, attention_mask=None, visual_embeds=None, record_rows=None,
@@ -154,3 +165,53 @@ def init_params(cfg, rng, vision_inputs=None, boxed: bool = False):
 
   params = jax.jit(lambda r: model.init(r, method=fn)['params'])(rng)
   return params if boxed else nn.meta.unbox(params)
+
+
+# ---- per-layer one-token decoding (the rollout engine's loop; see the module docstring) ----------------------
+
+def decode_weights(params, cfg, dtype) -> Dict[str, Any]:
+  """Training params {'model', 'lm_head'} -> {'embed', 'layers': (L per-layer trees), 'norm', 'lm_head'} in dtype
+  (integer leaves kept; 'lm_head' None when tied). Run under jit: slices of the stacked [L,...] leaves, cast."""
+  conv = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  m = params['model']
+  stack = m['layers']
+  layers = tuple(jax.tree.map(lambda x: conv(x[i]), stack) for i in range(cfg.num_hidden_layers))
+  head = None if cfg.tie_word_embeddings else conv(params['lm_head']['kernel'])
+  return {'embed': conv(m['embed_tokens']['embedding']), 'layers': layers, 'norm': conv(m['norm']['scale']),
+          'lm_head': head}
+
+
+def per_layer_cache(cache, num_samples: int) -> Dict[str, Any]:
+  """The stacked cache of a prefill (k, v [L,B,S,K,H], mask [B,S]) -> per-layer caches with each row repeated
+  num_samples = G times: {'k': (L x [B*G,K,S,H]), 'v': (...), 'valid': [B*G,S] bool} (row b*G + g)."""
+  rep = lambda x: jnp.repeat(x, num_samples, axis=0).transpose(0, 2, 1, 3)
+  L = cache['k'].shape[0]
+  return {'k': tuple(rep(cache['k'][i]) for i in range(L)), 'v': tuple(rep(cache['v'][i]) for i in range(L)),
+          'valid': jnp.repeat(cache['mask'].astype(bool), num_samples, axis=0)}
+
+
+def decode_token(weights, cfg, cache, tokens, positions, slot):
+  """One token per row through the whole decoder. weights from `decode_weights` (in cfg.dtype); cache from
+  `per_layer_cache`; tokens [R] int32; positions [3,R,1] int32 (M-RoPE ids of the fed tokens); slot [] int32 (the
+  cache slot they are written to, shared by all rows). Returns (logits [R,V] float32 of the next token, cache)."""
+  dt = canon_dtype(cfg.dtype)
+  kw = dict(dtype=dt, param_dtype=dt)
+  R = tokens.shape[0]
+  h = Embed(cfg.vocab_size, cfg.hidden_size, **kw).apply({'params': {'embedding': weights['embed']}},
+                                                         tokens[:, None])                       # [R,1,D]
+  cos, sin = mrope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+  valid = jax.lax.dynamic_update_slice(cache['valid'], jnp.ones((R, 1), bool), (0, slot))
+  layer = DecoderLayer(cfg, **kw)
+  ks, vs = [], []
+  for i, p in enumerate(weights['layers']):
+    h, kc, vc = layer.apply({'params': p}, h, cos, sin, cache['k'][i], cache['v'][i], valid, slot,
+                            method=DecoderLayer.decode)
+    ks.append(kc)
+    vs.append(vc)
+  h = RMSNorm(cfg.rms_norm_eps, **kw).apply({'params': {'scale': weights['norm']}}, h)
+  if weights['lm_head'] is None:
+    logits = tied_logits(h, weights['embed'], dt)
+  else:
+    logits = DenseGeneral((cfg.vocab_size,), ('embed',), ('vocab',), **kw).apply(
+        {'params': {'kernel': weights['lm_head']}}, h).astype(jnp.float32)
+  return logits[:, 0], {'k': tuple(ks), 'v': tuple(vs), 'valid': valid}

@@ -1,4 +1,4 @@
-"""Group advantages: one scalar per sequence, shared by all of its tokens (method.md s.2).
+"""Group advantages: one scalar per sequence, shared by all of its tokens (ral_jax/docs/method.md s.2).
 
 Rewards come as [B*G] with row b*G + g = sample g of prompt b (np.repeat order, as the rollout returns them).
 With r the G rewards of one group, mean = sum(r) / G and std = sqrt(sum((r - mean)^2) / (G - 1)) (ddof = 1, veRL):

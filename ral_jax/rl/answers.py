@@ -1,9 +1,12 @@
 """Answer extraction and per-problem-type matching (host Python on strings; never raises on any str).
 
 Video-R1 problem types and how an extracted answer is compared with the ground truth (both normalised alike):
-  'multiple choice'  the option letter: "B", "b", "B.", "(B)", "B) text", "B: text", "Option B" all mean B; when the
-                     answer carries no letter but equals one option's text (options like "A. red car"), that option's
-                     letter. Score 1 or 0.
+  'multiple choice'  the option letter: "B", "b", "B.", "(B)", "(B) text", "B) text", "B: text", "B, text",
+                     "Option B", "Answer: B" all mean B. A letter needs a delimiter after it (end, '.', ')', ':', ',')
+                     unless it is in parentheses or follows "Option" / "Answer": "A red car", "A cat", "I think B",
+                     "I am not sure" carry no letter. A lowercase letter counts only alone or before '.', ')' or ':'.
+                     When the answer carries no letter but equals one option's text (options like "A. red car"),
+                     that option's letter. Score 1 or 0.
   'numerical'        compared as numbers ("3" == "3.0", "1,000" == "1000", "50%" == "50", "1/2" == "0.5"); equal when
                      |a - b| <= 1e-6 * max(1, |b|). The first number in the text is used when it is not a bare number.
                      Score 1 or 0.
@@ -24,7 +27,10 @@ OPEN, CLOSE = '<answer>', '</answer>'
 # 1 - theta for theta in {0.50, 0.55, ..., 0.95}, written out so that no threshold carries rounding error.
 MRA_TOLERANCES = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
 
-_LETTER = re.compile(r'^(?:option\s*|answer\s*[:：]?\s*)?\(?\s*([A-Za-z])\s*(?:[).:：,]|\s|$)', re.IGNORECASE)
+_PREFIX = re.compile(r'^(?:option|answer)\b\s*[:：]?\s*', re.IGNORECASE)
+_PAREN_LETTER = re.compile(r'^\(\s*([A-Za-z])\s*(?:\)|$)')
+_DELIMITED_LETTER = re.compile(r'^([A-Za-z])\s*(?=$|[).:：,])')
+_PREFIXED_LETTER = re.compile(r'^([A-Z])(?=$|\s)')
 _OPTION_PREFIX = re.compile(r'^\(?([A-Z])\s*[).:：]\s*')
 _NUMBER = re.compile(r'[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?')
 _FRACTION = re.compile(r'([-+]?\d{1,18})\s*/\s*(\d{1,18})')
@@ -68,12 +74,18 @@ def normalize_text(s: str) -> str:
 
 
 def choice_letter(answer: str, options: Sequence[str] = ()) -> Optional[str]:
-  """'B', 'B.', '(B)', 'B) text', 'Option B' -> 'B'; an option's text -> its letter; else None. A lone lowercase
-  word starting with a letter ('a cat') is not read as a letter unless followed by ')' '.' or ':'."""
+  """'B', 'B.', '(B)', 'B) text', 'Option B' -> 'B'; an option's text -> its letter; else None (rules in the module
+  docstring: 'A red car', 'I think B' are not letters)."""
   s = answer.strip()
-  m = _LETTER.match(s)
-  if m and (s[m.start(1)].isupper() or len(s) == m.end(1) - m.start(0) or s[m.end(1):m.end(1) + 1] in ').:：'):
-    return m.group(1).upper()
+  pre = _PREFIX.match(s)
+  rest = s[pre.end():] if pre else s
+  for pattern in (_PAREN_LETTER, _DELIMITED_LETTER) + ((_PREFIXED_LETTER,) if pre else ()):
+    m = pattern.match(rest)
+    if not m:
+      continue
+    after = rest[m.end(1):].lstrip()[:1]
+    if m.group(1).isupper() or pattern is _PAREN_LETTER or after in ('', ')', '.', ':', '：'):
+      return m.group(1).upper()
   target = normalize_text(s)
   for i, opt in enumerate(options or ()):
     if not isinstance(opt, str):

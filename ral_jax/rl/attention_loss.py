@@ -1,4 +1,5 @@
-"""The attention-policy terms: JSD over keys, the RAL loss (method.md s.3) and attention distillation (s.5).
+"""The attention-policy terms: JSD over keys, the RAL loss (ral_jax/docs/method.md s.3) and attention distillation
+(s.5).
 
 Attention policies are [B,R,S] float32 rows p^t(i) (head-averaged, self weight dropped, renormalised: model output),
 with a row mask [B,R] (= response_mask for R = Tr rows) and a key mask [B,S] (1 = real key).

@@ -1,4 +1,4 @@
-"""Typed, validated configs of the RL objectives (defaults = shared/method.md).
+"""Typed, validated configs of the RL objectives (defaults = ral_jax/docs/method.md).
 
 Every knob of rl/ lives in one of these frozen dataclasses; `__post_init__` rejects a bad value with a message that
 says what to change. The names accepted by each selector are declared here once and used by the modules that
@@ -19,6 +19,10 @@ ATTN_DIVERGENCES = ('jsd', 'kl')                                   # attention_l
 KD_ESTIMATORS = ('full', 'sampled')                                # distill.py
 
 
+class RALSingleUpdateWarning(UserWarning):
+  """lambda_attn > 0 but each rollout batch gets one optimizer step: the RAL term is exactly zero."""
+
+
 def _choice(field: str, value, allowed) -> None:
   if value not in allowed:
     raise ValueError(f'{field}={value!r} is not supported; set it to one of {list(allowed)}')
@@ -34,7 +38,7 @@ def _check_aggregation(field: str, mode: Optional[str], max_len: Optional[int], 
 
 @dataclasses.dataclass(frozen=True)
 class AdvantageConfig:
-  """Group advantages, one per sequence (method.md s.2).
+  """Group advantages, one per sequence (ral_jax/docs/method.md s.2).
 
   estimator: 'grpo'   A_i = (r_i - mean_g r) / (std_g(r, ddof=1) + eps)   (veRL; the paper)
              'drgrpo' A_i = r_i - mean_g r                                 (Dr.GRPO: no std division)
@@ -52,7 +56,7 @@ class AdvantageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
-  """The clipped token loss + beta * KL(pi_theta || pi_ref) (method.md s.2).
+  """The clipped token loss + beta * KL(pi_theta || pi_ref) (ral_jax/docs/method.md s.2).
 
   clip_eps_low / clip_eps_high: ratio clipped to [1 - eps_low, 1 + eps_high] (PPO epsilon; default 0.2 both).
   dual_clip: c > 1 bounds the loss of A < 0 tokens by -c * A (dual-clip PPO); None disables it.
@@ -85,7 +89,7 @@ class GRPOConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RALConfig:
-  """The attention-policy term lambda_attn * E_t[A * JSD(p_theta^t || p_old^t)] (method.md s.3).
+  """The attention-policy term lambda_attn * E_t[A * JSD(p_theta^t || p_old^t)] (ral_jax/docs/method.md s.3).
 
   lambda_attn: weight (paper: 0.5, 1, 5; default 1); 0 turns RAL off (plain GRPO).
   rows: 'response' = the response tokens' own query rows (paper), 'producing' = the rows that produce them.
@@ -109,7 +113,7 @@ class RALConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  """On-policy distillation (method.md s.5): mu * L_gkd + gamma_attn * L_attn_distill.
+  """On-policy distillation (ral_jax/docs/method.md s.5): mu * L_gkd + gamma_attn * L_attn_distill.
 
   mu: weight of the token reverse KL(pi_student || pi_teacher) (default 1); 0 = attention distillation only.
   gamma_attn: weight of JSD(p_student^t || p_teacher^t) (paper: 0.05, 0.5, 1; default 0.5 here, the paper gives
@@ -155,6 +159,11 @@ class ObjectiveConfig:
       raise ValueError(f'logprob_chunk={self.logprob_chunk} must be a positive number of positions (default 256)')
 
   @property
+  def needs_attention(self) -> bool:
+    """The losses read attention rows: the RAL term or attention distillation is on."""
+    return self.ral.lambda_attn > 0 or (self.distill is not None and self.distill.gamma_attn > 0)
+
+  @property
   def ral_aggregation(self) -> str:
     return self.ral.aggregation or self.grpo.aggregation
 
@@ -170,15 +179,16 @@ class ObjectiveConfig:
 def check_updates_per_rollout(cfg: ObjectiveConfig, updates_per_rollout: int) -> None:
   """Fails (or warns, with ral.allow_single_update) when RAL cannot act: lambda_attn > 0 and one update per rollout.
 
-  At p_theta == p_old the JSD and its gradient are exactly zero (method.md s.3), so with a single optimizer step per
-  rollout batch the RAL term never contributes. Call this before compiling the update step.
+  At p_theta == p_old the JSD and its gradient are exactly zero (ral_jax/docs/method.md s.3), so with a single
+  optimizer step per rollout batch the RAL term never contributes. Call this before compiling the update step.
   """
   if updates_per_rollout < 1:
     raise ValueError(f'updates_per_rollout={updates_per_rollout} must be >= 1 (mini-batches x epochs per rollout)')
   if cfg.ral.lambda_attn > 0 and updates_per_rollout == 1:
-    msg = ('ral.lambda_attn > 0 but each rollout batch is used for a single update: p_theta == p_old at that step, '
-           'so the RAL term and its gradient are exactly zero and the run is plain GRPO. Use several mini-batches '
-           'per rollout batch (method.md default: 4), or set ral.lambda_attn=0.')
+    msg = (f'rl.lambda_attn = {cfg.ral.lambda_attn} > 0 but each rollout batch is used for a single update '
+           '(rl.num_minibatches * rl.epochs == 1): p_theta == p_old at that step, so the RAL term and its gradient '
+           'are exactly zero and the run is plain GRPO (ral_jax/docs/method.md s.3). Set --config.rl.num_minibatches=4 '
+           '(or rl.epochs > 1), or rl.lambda_attn=0.')
     if not cfg.ral.allow_single_update:
-      raise ValueError(msg + ' (Set ral.allow_single_update=True to run anyway.)')
-    warnings.warn(msg, stacklevel=2)
+      raise ValueError(msg + ' (Set rl.allow_single_update=True to run anyway.)')
+    warnings.warn(msg, RALSingleUpdateWarning, stacklevel=2)

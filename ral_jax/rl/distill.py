@@ -1,4 +1,5 @@
-"""Token-level on-policy distillation: reverse KL(pi_student || pi_teacher) on the student's rollouts (method.md s.5).
+"""Token-level on-policy distillation: reverse KL(pi_student || pi_teacher) on the student's rollouts
+(ral_jax/docs/method.md s.5).
 
 Estimators of the per-token term, for response position t with sampled token y_t ~ pi_student:
   'full'     KL_t = sum_v p^s_v (log p^s_v - log p^te_v) over the whole vocabulary (logprobs.token_stats_from_hidden

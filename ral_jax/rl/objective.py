@@ -1,4 +1,4 @@
-"""The combined objective the update step differentiates (method.md s.3, s.5):
+"""The combined objective the update step differentiates (ral_jax/docs/method.md s.3, s.5):
 
   L = L_grpo + lambda_attn * L_RAL + mu * L_gkd + gamma_attn * L_attn_distill
       (the last two only with ObjectiveConfig.distill; L_RAL only with lambda_attn > 0)

@@ -1,4 +1,5 @@
-"""The GRPO token loss: clipped importance ratio times the advantage, plus beta * KL to the reference (method.md s.2).
+"""The GRPO token loss: clipped importance ratio times the advantage, plus beta * KL to the reference
+(ral_jax/docs/method.md s.2).
 
 Per valid response token t of sequence b, with A = A_b, log r = log pi_theta - log pi_old (clipped to [-20, 20]
 before exp, against overflow), r = exp(log r):

@@ -1,4 +1,5 @@
-"""Rewards on the host: a registry of named functions on strings and their weighted sum (method.md s.2, s.4).
+"""Rewards on the host: a registry of named functions on strings and their weighted sum (ral_jax/docs/method.md
+s.2, s.4).
 
 A reward function takes (response text, record) and returns a float; the record is the dataset example (Video-R1
 fields: 'solution' like '<answer>B</answer>', 'problem_type', 'options', ...). Built-ins:

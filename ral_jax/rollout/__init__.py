@@ -1,1 +1,2 @@
-"""Rollout: the KV-cache sampler (engine), token sampling (sampling) and the one-token decode step (decode_step)."""
+"""Rollout: the KV-cache sampler (engine) and token sampling (sampling); the one-token decode step is the model's
+own (models.vlm.decode_token, DecoderLayer.decode)."""

@@ -4,8 +4,8 @@ API (the trainer calls `generate`; `prefill` / `sampler_weights` / `decode` are 
   out = generate(params, cfg, prompts, visual_embeds, rng, sampling, num_samples=G, mesh=None, rules=None)
     params         the training parameters {'model', 'lm_head'[, 'visual']} ('visual' is ignored), not modified.
                    The prefill casts them to `sampling.dtype` inside its program (transient); the decode loop
-                   runs on one per-layer copy in `sampling.dtype` made once per call (decode.layer_params: the
-                   cast itself when training params are float32, an extra copy of the decoder when they are
+                   runs on one per-layer copy in `sampling.dtype` made once per call (models.vlm.decode_weights:
+                   the cast itself when training params are float32, an extra copy of the decoder when they are
                    already bfloat16).
     cfg            models.config.ModelConfig (its `dtype` is replaced by `sampling.dtype`).
     prompts        dict(prompt_ids [B,Tp] int32 left-padded, prompt_mask [B,Tp] 1 = real token,
@@ -23,15 +23,15 @@ API (the trainer calls `generate`; `prefill` / `sampler_weights` / `decode` are 
   Row b*G + g is sample g of prompt b (np.repeat order).
 
 How: one prefill per prompt ([B,Tp] through the model's cached forward, cache of Tp + Tr slots; in chunks of
-`sampling.prefill_batch` prompts), the cache (split per layer, see decode.py) and the last logits repeated G times
-along the batch, token 0 drawn; then a `lax.while_loop` over `SamplingState`, one token per iteration
-(decode.decode_step): feed token j-1 (M-RoPE position next_pos + j - 1 in all three rows, next_pos = max prompt
-position + 1, cache slot Tp + j - 1), draw token j. The loop stops after Tr tokens or as soon as every row is done.
+`sampling.prefill_batch` prompts), the cache (split per layer, models.vlm.per_layer_cache) and the last logits
+repeated G times along the batch, token 0 drawn; then a `lax.while_loop` over `SamplingState`, one token per
+iteration (models.vlm.decode_token, each layer through `DecoderLayer.decode`): feed token j-1 (M-RoPE position
+next_pos + j - 1 in all three rows, next_pos = max prompt position + 1, cache slot Tp + j - 1), draw token j. The loop stops after Tr tokens or as soon as every row is done.
 The cache, tokens and log-probs are donated to the decode program and updated in place (the small [R] fields are
 not: donating them gave wrong lengths on an H200 with jax 0.11.2, most likely because constant-folded prefill
 outputs such as the all-ones lengths / stop_reason share a buffer); all lengths are arrays, so one compilation
-serves a (B, Tp, Tr, G) bucket. `impl='model'` decodes through the model's own cached __call__ instead
-(reference path; 3.2x slower per step for the 7B preset on an H200).
+serves a (B, Tp, Tr, G) bucket. The tests check the loop against the full forward and against a reference loop
+over the model's stacked cached `__call__` (tests/test_rollout_engine.py).
 """
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ral_jax.rollout import decode_step as decode_lib
-from ral_jax.rollout import sampling as sampling_lib
-from ral_jax.models.vlm import Qwen25VL, init_cache
 from ral_jax.models import positions as positions_lib
+from ral_jax.models import vlm
+from ral_jax.models.vlm import Qwen25VL, init_cache
+from ral_jax.rollout import sampling as sampling_lib
 
 STOP_EOS, STOP_MAX_LEN = 0, 1
 
@@ -74,8 +74,7 @@ class SamplingState:
   done:        [R] bool, the row drew a stop id or reached Tr tokens.
   stop_reason: [R] int32, STOP_EOS or STOP_MAX_LEN (STOP_MAX_LEN until a stop id is drawn).
   next_pos:    [R] int32, M-RoPE position of response token 0 (all three rows).
-  cache:       impl 'layers': decode.split_cache's {'k': L x [R,K,Tp+Tr,H], 'v': ..., 'valid': [R,Tp+Tr] bool};
-               impl 'model': the model's cache (models/vlm.py): k, v [L,R,Tp+Tr,K,H], mask [R,Tp+Tr], index [R].
+  cache:       models.vlm.per_layer_cache's {'k': L x [R,K,Tp+Tr,H], 'v': ..., 'valid': [R,Tp+Tr] bool}.
   """
   step: jax.Array
   tokens: jax.Array
@@ -150,13 +149,11 @@ def _constrain(tree, mesh, spec_fn):
 
 
 def _rows_spec(x):
-  """Rows axis over ('data','fsdp'), scalars replicated; KV caches [R,K,S,H] / [L,R,S,K,H]: kv heads over 'tensor'."""
+  """Rows axis over ('data','fsdp'), scalars replicated; KV caches [R,K,S,H]: kv heads over 'tensor'."""
   if x.ndim == 0:
     return P()
-  if x.ndim == 4:   # decode.split_cache [R,K,S,H]
+  if x.ndim == 4:   # vlm.per_layer_cache [R,K,S,H]
     return P(('data', 'fsdp'), 'tensor', None, None)
-  if x.ndim == 5:
-    return P(None, ('data', 'fsdp'), None, 'tensor', None)
   return P(('data', 'fsdp'))
 
 
@@ -194,13 +191,8 @@ def _cast(params, dtype):
 
 
 @functools.lru_cache(maxsize=32)
-def _programs(cfg, sampling, num_samples: int, mesh, rules, impl: str):
-  """(weights, prefill, decode) jitted for one (model config, sampling config, G, mesh, decode impl) combination.
-
-  impl 'layers' (default): decode with ral_jax/rollout/decode_step.py (per-layer weights and caches, see there);
-  impl 'model': decode through the model's cached __call__ (stacked cache; the reference path)."""
-  if impl not in ('layers', 'model'):
-    raise ValueError(f"decode impl {impl!r}: use 'layers' (fast) or 'model' (reference)")
+def _programs(cfg, sampling, num_samples: int, mesh, rules):
+  """(weights, prefill, decode) jitted for one (model config, sampling config, G, mesh) combination."""
   model = Qwen25VL(cfg)
   G, Tr = num_samples, sampling.max_new_tokens
   dt = jnp.dtype(cfg.dtype)
@@ -212,45 +204,38 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules, impl: str):
     return mesh_context(mesh, rules if rules is not None else logical_rules())
 
   def weights_fn(params):
-    if impl == 'model':
-      return _cast(params, dt)
-    return decode_lib.layer_params(params, cfg, dt)
+    return vlm.decode_weights(params, cfg, dt)
 
   def prefill_one(params, prompt_ids, prompt_mask, positions, visual_embeds):
-    """[b,Tp] prompts -> (last logits [b,V] f32, the model's stacked cache)."""
+    """[b,Tp] prompts -> (last logits [b,V] f32, per-layer caches with rows repeated G times)."""
     b, Tp = prompt_ids.shape
     cache = init_cache(cfg, b, Tp + Tr, cfg.dtype)
     out = model.apply({'params': params}, prompt_ids, positions, prompt_mask, visual_embeds=visual_embeds,
                       return_hidden=True, cache=cache)
     logits = model.apply({'params': params}, out.hidden[:, -1:], method=Qwen25VL.logits_from_hidden)[:, 0]
-    return logits, out.cache
+    return logits, vlm.per_layer_cache(out.cache, G)
 
   def prefill_fn(params, prompt_ids, prompt_mask, positions, visual_embeds, rng):
     params = _cast(params, dt)   # transient: freed when the prefill ends
     B, Tp = prompt_ids.shape
     C = sampling.prefill_batch or B
-    if B % C or (impl == 'model' and C != B):
-      raise ValueError(f'sampling.prefill_batch={C} must divide the {B} prompts (and be 0 with impl="model")')
+    if B % C:
+      raise ValueError(f'sampling.prefill_batch={C} must divide the {B} prompts')
     if visual_embeds is not None:
       visual_embeds = visual_embeds.astype(dt)
     rep = lambda x, axis: jnp.repeat(x, G, axis=axis)
-    chunks = []
+    chunks, cache = [], None
     for c in range(B // C):
       sl = lambda x, axis=0: jax.lax.slice_in_dim(x, c * C, (c + 1) * C, axis=axis)
       vis = None if visual_embeds is None else sl(visual_embeds)
-      logits_c, cache_c = prefill_one(params, sl(prompt_ids), sl(prompt_mask), sl(positions, 1), vis)
-      if impl == 'model':
-        cache = {'k': rep(cache_c['k'], 1), 'v': rep(cache_c['v'], 1), 'mask': rep(cache_c['mask'], 0),
-                 'index': rep(cache_c['index'], 0)}
-      else:
-        part = decode_lib.split_cache(cache_c, G)
-        if B == C:
-          cache = part
-        else:   # written in place into the full per-layer caches, chunk after chunk
-          if c == 0:
-            cache = jax.tree.map(lambda x: jnp.zeros((B * G,) + x.shape[1:], x.dtype), part)
-          cache = jax.tree.map(
-              lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, c * C * G, axis=0), cache, part)
+      logits_c, part = prefill_one(params, sl(prompt_ids), sl(prompt_mask), sl(positions, 1), vis)
+      if B == C:
+        cache = part
+      else:   # written in place into the full per-layer caches, chunk after chunk
+        if c == 0:
+          cache = jax.tree.map(lambda x: jnp.zeros((B * G,) + x.shape[1:], x.dtype), part)
+        cache = jax.tree.map(
+            lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, c * C * G, axis=0), cache, part)
       chunks.append(logits_c)
     logits = jnp.concatenate(chunks, axis=0)
     R = B * G
@@ -271,14 +256,10 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules, impl: str):
       return (s.step < Tr) & ~jnp.all(s.done)
 
     def body(s):
-      prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=True)        # [R,1]
+      prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=False)       # [R]
       pos = jnp.broadcast_to((s.next_pos + s.step - 1)[None, :, None], (3, R, 1)).astype(jnp.int32)
-      if impl == 'model':
-        out = model.apply({'params': weights}, prev, pos, None, cache=s.cache)
-        logits, cache = out.logits[:, 0], out.cache
-      else:
-        slot = s.cache['valid'].shape[1] - Tr + s.step - 1            # Tp + j - 1, the same for every row
-        logits, cache = decode_lib.decode_step(weights, cfg, s.cache, prev[:, 0], pos, slot)
+      slot = s.cache['valid'].shape[1] - Tr + s.step - 1                # Tp + j - 1, the same for every row
+      logits, cache = vlm.decode_token(weights, cfg, s.cache, prev, pos, slot)
       tok, lp = _sample(logits, rng, s.step, sampling)
       return _constrain_state(_record_token(s.replace(cache=cache), tok, lp, sampling), mesh)
 
@@ -316,31 +297,31 @@ def sampler_config(cfg, sampling):
   return cfg.replace(dtype=sampling.dtype, remat_policy='none')
 
 
-def sampler_weights(params, cfg, sampling, num_samples: int = 1, *, mesh=None, rules=None, impl: str = 'layers'):
-  """The decode weights: params cast to sampling.dtype once (per-layer trees for impl 'layers')."""
-  w, _, _ = _programs(sampler_config(cfg, sampling), sampling, num_samples, mesh, rules, impl)
+def sampler_weights(params, cfg, sampling, num_samples: int = 1, *, mesh=None, rules=None):
+  """The decode weights: params cast to sampling.dtype once, as per-layer trees (models.vlm.decode_weights)."""
+  w, _, _ = _programs(sampler_config(cfg, sampling), sampling, num_samples, mesh, rules)
   return w(params)
 
 
 def prefill(params, cfg, prompts, visual_embeds, rng, sampling, num_samples: int = 1, *, mesh=None,
-            rules=None, impl: str = 'layers') -> SamplingState:
+            rules=None) -> SamplingState:
   """Prefill (params cast inside, transiently) + token 0: the SamplingState that `decode` continues."""
   check_prompts(cfg, prompts, visual_embeds, num_samples)
-  _, pre, _ = _programs(sampler_config(cfg, sampling), sampling, num_samples, mesh, rules, impl)
+  _, pre, _ = _programs(sampler_config(cfg, sampling), sampling, num_samples, mesh, rules)
   return pre(params, jnp.asarray(prompts['prompt_ids'], jnp.int32), jnp.asarray(prompts['prompt_mask'], jnp.int32),
              jnp.asarray(prompts['positions'], jnp.int32), visual_embeds, rng)
 
 
 def decode(weights, cfg, state: SamplingState, rng, sampling, num_samples: int = 1, *, mesh=None,
-           rules=None, impl: str = 'layers') -> RolloutOutput:
+           rules=None) -> RolloutOutput:
   """Runs the decode loop on a prefilled state (donated: do not reuse `state`); weights from `sampler_weights`."""
-  _, _, dec = _programs(sampler_config(cfg, sampling), sampling, num_samples, mesh, rules, impl)
+  _, _, dec = _programs(sampler_config(cfg, sampling), sampling, num_samples, mesh, rules)
   return dec(weights, state, rng)
 
 
 def generate(params, cfg, prompts, visual_embeds, rng, sampling: sampling_lib.SamplingConfig,
-             num_samples: int = 1, *, mesh=None, rules=None, impl: str = 'layers') -> RolloutOutput:
+             num_samples: int = 1, *, mesh=None, rules=None) -> RolloutOutput:
   """G = num_samples responses per prompt; see the module docstring for arguments and outputs."""
-  state = prefill(params, cfg, prompts, visual_embeds, rng, sampling, num_samples, mesh=mesh, rules=rules, impl=impl)
-  weights = sampler_weights(params, cfg, sampling, num_samples, mesh=mesh, rules=rules, impl=impl)
-  return decode(weights, cfg, state, rng, sampling, num_samples, mesh=mesh, rules=rules, impl=impl)
+  state = prefill(params, cfg, prompts, visual_embeds, rng, sampling, num_samples, mesh=mesh, rules=rules)
+  weights = sampler_weights(params, cfg, sampling, num_samples, mesh=mesh, rules=rules)
+  return decode(weights, cfg, state, rng, sampling, num_samples, mesh=mesh, rules=rules)

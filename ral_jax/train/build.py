@@ -11,55 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from ral_jax import sharding
 from ral_jax.train import optim
 from ral_jax.train import step as ts
-from ral_jax.models.config import ModelConfig, get_preset
+from ral_jax.models.config import ModelConfig
 from ral_jax.models.vision_inputs import build_vision_inputs_batch
 from ral_jax.models.vlm import init_params
-from ral_jax.rl import config as rlc
 from ral_jax.train.config import RunConfig
 from ral_jax.train.state import TrainState
-
-
-def model_config(mc, hf_checkpoint: str = '', preset: str = 'tiny') -> ModelConfig:
-  """ModelConfig from an HF directory's config.json, else the named preset; then the run-time overrides."""
-  over = {k: getattr(mc, k) for k in ('dtype', 'param_dtype', 'remat_policy') if getattr(mc, k, '')}
-  if getattr(mc, 'attention_impl', ''):
-    over['attention_impl'] = mc.attention_impl
-  if hf_checkpoint:
-    path = os.path.join(hf_checkpoint, 'config.json')
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'{path} not found: --config.model.hf_checkpoint must be a local HF Qwen2.5-VL '
-                              'directory (config.json + *.safetensors)')
-    with open(path) as f:
-      return ModelConfig.from_hf(json.load(f), **over)
-  return get_preset(preset, **over)
-
-
-def objective_config(run: RunConfig, temperature: float) -> rlc.ObjectiveConfig:
-  r = run.rl
-  grpo = rlc.GRPOConfig(clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high,
-                        dual_clip=r.dual_clip or None, beta=r.beta, kl_estimator=r.kl_estimator,
-                        aggregation=r.aggregation)
-  ral = rlc.RALConfig(lambda_attn=r.lambda_attn, rows=r.rows, aggregation=r.attn_aggregation,
-                      allow_single_update=True, divergence=r.attn_divergence)
-  distill = None
-  if run.algo == 'distill':
-    d = run.distill
-    distill = rlc.DistillConfig(mu=d.mu, gamma_attn=d.gamma_attn if d.attention else 0.0,
-                                kd_estimator=d.kd_estimator)
-  return rlc.ObjectiveConfig(grpo=grpo, ral=ral, distill=distill, temperature=max(temperature, 1e-6),
-                             logprob_chunk=r.logprob_chunk or 256)
 
 
 def dummy_vision_inputs(cfg: ModelConfig, batch: int = 1):
@@ -99,17 +64,13 @@ class Steps:
 
 
 def step_config(run: RunConfig, cfg: ModelConfig, stage: str) -> ts.StepConfig:
-  obj = objective_config(run, run.sampling.temperature if stage == 'rl' else 1.0)
-  record = stage == 'rl' and (run.rl.lambda_attn > 0 or (obj.distill is not None and obj.distill.gamma_attn > 0)
-                              or run.rl.record_attention)
-  layers = run.rl.record_layers
-  if len(layers) != 1:
-    raise ValueError(f'model.record_layers={layers}: the RL losses use one recorded layer; give one index')
-  return ts.StepConfig(model_cfg=cfg, objective=obj, rows=run.rl.rows, record_layer=layers[0],
+  """The step functions' static settings, from the run's components (record only when the RL losses read it)."""
+  return ts.StepConfig(model_cfg=cfg, objective=run.objective, record_layer=run.record_layer,
                        num_minibatches=run.rl.num_minibatches, epochs=run.rl.epochs,
                        micro_batches=run.rl.micro_batches, score_micro_batches=run.rl.num_minibatches,
-                       sft_micro_batches=run.sft_optim.micro_batches, record=record,
-                       ral_grad_share=run.rl.ral_grad_share and run.rl.lambda_attn > 0)
+                       sft_micro_batches=run.sft_optim.micro_batches,
+                       record=stage == 'rl' and (run.objective.needs_attention or run.rl.record_attention),
+                       ral_grad_share=run.rl.ral_grad_share and run.objective.ral.lambda_attn > 0)
 
 
 def make_steps(run: RunConfig, cfg: ModelConfig, stage: str, state_shardings, teacher_cfg=None) -> Steps:
@@ -120,7 +81,7 @@ def make_steps(run: RunConfig, cfg: ModelConfig, stage: str, state_shardings, te
     upd = jax.jit(functools.partial(ts.sft_update, sc, tx), out_shardings=out, donate_argnums=0)
     return Steps(sc, tx, upd)
   upd = jax.jit(functools.partial(ts.rl_update, sc, tx), out_shardings=out, donate_argnums=0)
-  score = jax.jit(functools.partial(ts.score, sc, need_ref=run.rl.beta > 0))
+  score = jax.jit(functools.partial(ts.score, sc, need_ref=run.objective.grpo.beta > 0))
   teacher = None
   if teacher_cfg is not None:
     teacher = jax.jit(functools.partial(ts.teacher_score, sc, teacher_cfg,
@@ -160,15 +121,7 @@ def state_shardings_of(state):
   return jax.tree.map(lambda x: x.sharding, state)
 
 
-def make_mesh_and_rules(run: RunConfig):
-  mesh = sharding.make_mesh(run.mesh.shape)
-  rules = sharding.logical_rules(run.mesh.rules)
-  logging.info('mesh %s over %d devices (%s)', dict(mesh.shape), mesh.size, jax.devices()[0].platform)
-  return mesh, rules
-
-
-def load_teacher(run: RunConfig, mc, mesh, rules):
-  d = run.distill
-  tcfg = model_config(mc, d.teacher_checkpoint, d.teacher_preset)
-  params = init_model_params(tcfg, mesh, rules, d.teacher_seed, d.teacher_checkpoint)
-  return tcfg, params
+def load_teacher(run: RunConfig, mesh, rules):
+  """(teacher model config, its sharded parameters): the HF directory, else random init from its seed."""
+  t = run.teacher
+  return t.model, init_model_params(t.model, mesh, rules, t.seed, t.checkpoint)

@@ -1,30 +1,44 @@
-"""Typed, frozen component configs built from the ml_collections experiment config, validated at the boundary.
+"""The one typed boundary: the ml_collections experiment config -> the components' own frozen configs.
 
-`build(config, num_devices)` turns the ConfigDict of configs/common.py into a `RunConfig` of small frozen
-dataclasses; each `__post_init__` raises a ValueError that says which knob to change. Symbols follow
-shared/method.md: G (group size), lambda_attn, beta, mu, gamma_attn, epsilon (clip).
-Warnings (not errors): lambda_attn > 0 with a single update per rollout (method.md s.3: RAL then equals GRPO).
+`build(config, num_devices)` turns the ConfigDict of configs/common.py into a `RunConfig` whose parts are the
+configs the components define and validate themselves:
+  model      models.config.ModelConfig   (preset or the HF checkpoint's config.json, plus dtype/remat/attention)
+  teacher    TeacherConfig (its ModelConfig, checkpoint, seed) for distillation, else None
+  objective  rl.config.ObjectiveConfig   (GRPO, RAL, distillation terms, temperature, log-prob chunk)
+  advantage  rl.config.AdvantageConfig
+  sampling   rollout.sampling.SamplingConfig (stop and pad ids are the tokenizer's, set by the run set-up)
+  data       DataSettings (where the records come from) + data.pipeline.DataConfig (how they become batches)
+  rl, loop, mesh, rl_optim, sft_optim   the RL batch structure, the schedule of the run, the device mesh, AdamW
+Every value is checked once, here, before any model or data is built; an error names the `--config.` knob.
+The objective's knobs are copied by one table (`OBJECTIVE_KNOBS`): a new loss knob is a field in rl/config.py, a
+default in configs/common.py and a line in that table. Symbols follow ral_jax/docs/method.md: G (group size),
+lambda_attn, beta, mu, gamma_attn, epsilon (clip).
+lambda_attn > 0 with a single update per rollout (RAL then equals GRPO, ral_jax/docs/method.md s.3) warns, or fails
+with rl.allow_single_update=False (rl.config.check_updates_per_rollout).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import warnings
-from typing import Tuple
+import os
+import re
+from typing import Callable, Dict, Optional, Tuple
+
+from ral_jax.data import pipeline as pipeline_lib
+from ral_jax.data.media import VideoConfig
+from ral_jax.data.processor import ProcessorConfig
+from ral_jax.data.prompts import PromptConfig
+from ral_jax.models.config import PRESETS, ModelConfig, get_preset
+from ral_jax.rl import config as rlc
+from ral_jax.rl.config import RALSingleUpdateWarning  # noqa: F401  (re-exported: raised by build)
+from ral_jax.rollout.sampling import SamplingConfig
 
 ALGOS = ('sft', 'grpo', 'ral', 'ral_zero', 'distill')
-AGGREGATIONS = ('token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum', 'drgrpo')
-KL_ESTIMATORS = ('k1', 'k2', 'k3')
-ADVANTAGES = ('grpo', 'drgrpo', 'rloo')
-ROWS = ('response', 'producing')
-FORMATS = ('think', 'answer_only')
 SCHEDULES = ('cosine', 'constant')
 SOURCES = ('synthetic', 'manifest')
 TASK_FAMILIES = ('video', 'image', 'mixed')
-
-
-class RALSingleUpdateWarning(UserWarning):
-  """lambda_attn > 0 but each rollout batch gets one optimizer step: the RAL term is exactly zero."""
+MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
 def _check(cond: bool, msg: str):
@@ -45,7 +59,7 @@ class OptimConfig:
   eps: float = 1e-8
   grad_clip: float = 1.0         # global-norm clip; 0 = off
   freeze: Tuple[str, ...] = ('visual',)
-  micro_batches: int = 1         # gradient accumulation: micro-batches averaged into one optimizer step
+  micro_batches: int = 1         # gradient accumulation: micro-batch gradients summed into one optimizer step
 
   def __post_init__(self):
     _check(self.lr > 0, f'learning rate {self.lr} must be > 0 (--config.rl.lr / --config.sft.lr)')
@@ -58,34 +72,20 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
+  """The structure of an RL step (the loss knobs are in RunConfig.objective) and its reward."""
   prompts_per_batch: int = 8     # prompts per rollout batch (global)
   group_size: int = 8            # G
   num_minibatches: int = 4       # optimizer steps per epoch over one rollout batch
   epochs: int = 1
-  micro_batches: int = 1
-  lambda_attn: float = 1.0       # lambda_attn: weight of L_attn = E_t[A * JSD(p_theta || p_old)]
-  beta: float = 0.04             # beta: weight of KL(pi_theta || pi_ref)
-  kl_estimator: str = 'k3'
-  clip_eps_low: float = 0.2      # epsilon (PPO clip), lower side
-  clip_eps_high: float = 0.2
-  dual_clip: float = 0.0
-  aggregation: str = 'token_mean'
-  attn_aggregation: str = 'token_mean'
-  rows: str = 'response'
-  advantage: str = 'grpo'
-  adv_eps: float = 1e-6
-  reward: str = 'default'
+  micro_batches: int = 1         # gradient accumulation per mini-batch
+  reward: str = 'default'        # 'default' = accuracy_weight * accuracy + format_weight * format, or a registered name
   accuracy_weight: float = 0.9
   format_weight: float = 0.1
-  format: str = 'think'
-  logprob_chunk: int = 0
-  record_layers: Tuple[int, ...] = (-1,)
-  attn_divergence: str = 'jsd'   # the RAL term's divergence: 'jsd' (paper) | 'kl' (KL(p_theta || p_old))
+  format: str = 'think'          # prompt and format reward: 'think' | 'answer_only' (RAL-zero)
   record_attention: bool = False  # record p_theta / p_old even when no loss needs them (attn/* metrics for GRPO)
   ral_grad_share: bool = False   # log ral/grad_share = |grad lambda L_RAL| / |grad L| (one extra backward)
 
   def __post_init__(self):
-    _check(self.attn_divergence in ('jsd', 'kl'), f'rl.attn_divergence={self.attn_divergence!r}; use jsd or kl')
     _check(self.group_size >= 2, f'rl.group_size (G) = {self.group_size}: group advantages need G >= 2')
     _check(self.prompts_per_batch >= 1, 'rl.prompts_per_batch must be >= 1')
     _check(self.num_minibatches >= 1 and self.epochs >= 1, 'rl.num_minibatches and rl.epochs must be >= 1')
@@ -93,19 +93,9 @@ class RLConfig:
     _check(n % self.num_minibatches == 0,
            f'rollout batch prompts_per_batch * G = {n} is not divisible by rl.num_minibatches = '
            f'{self.num_minibatches}; change one of them')
-    _check((n // self.num_minibatches) % self.micro_batches == 0,
+    _check(self.micro_batches >= 1 and (n // self.num_minibatches) % self.micro_batches == 0,
            f'mini-batch {n // self.num_minibatches} not divisible by rl.micro_batches = {self.micro_batches}')
-    _check(self.lambda_attn >= 0, 'rl.lambda_attn must be >= 0')
-    _check(self.beta >= 0, 'rl.beta must be >= 0')
-    _check(self.kl_estimator in KL_ESTIMATORS, f'rl.kl_estimator={self.kl_estimator!r}; choose {KL_ESTIMATORS}')
-    _check(self.aggregation in AGGREGATIONS, f'rl.aggregation={self.aggregation!r}; choose {AGGREGATIONS}')
-    _check(self.attn_aggregation in AGGREGATIONS,
-           f'rl.attn_aggregation={self.attn_aggregation!r}; choose "" or one of {AGGREGATIONS}')
-    _check(self.rows in ROWS, f'rl.rows={self.rows!r}; choose one of {ROWS}')
-    _check(self.advantage in ADVANTAGES, f'rl.advantage={self.advantage!r}; choose one of {ADVANTAGES}')
-    _check(self.format in FORMATS, f'rl.format={self.format!r}; choose one of {FORMATS}')
-    _check(self.clip_eps_low > 0 and self.clip_eps_high > 0, 'rl.clip_eps_low/high must be > 0')
-    _check(self.dual_clip == 0 or self.dual_clip > 1, 'rl.dual_clip must be 0 (off) or > 1')
+    PromptConfig(style=self.format)   # the prompt styles are the format choices
 
   @property
   def rollout_batch(self) -> int:
@@ -121,32 +111,31 @@ class RLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillConfig:
-  teacher_preset: str = 'tiny'
-  teacher_checkpoint: str = ''
-  teacher_seed: int = 7
-  mu: float = 1.0                # mu: weight of the token reverse KL (GKD)
-  gamma_attn: float = 0.5        # gamma_attn: weight of JSD(student rows || teacher rows)
-  kd_estimator: str = 'full'
-  attention: bool = True
-
-  def __post_init__(self):
-    _check(self.mu >= 0 and self.gamma_attn >= 0, 'distill.mu and distill.gamma_attn must be >= 0')
-    _check(self.kd_estimator in ('full', 'sampled'), "distill.kd_estimator must be 'full' or 'sampled'")
+class TeacherConfig:
+  """The frozen distillation teacher: its model config, HF directory ('' = random init from seed)."""
+  model: ModelConfig
+  checkpoint: str = ''
+  seed: int = 7
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  max_new_tokens: int = 48
-  dtype: str = ''
+class DataSettings:
+  """Where the records come from; `pipeline` is the stage-independent data.pipeline.DataConfig (manifests, batch
+  size, targets, seed and sharding are set per stage by train/data.py)."""
+  source: str                    # 'synthetic' | 'manifest'
+  tasks: Tuple[str, ...]         # synthetic task names (source 'synthetic')
+  num_train: int
+  num_eval: int
+  synthetic_seed: int
+  synthetic_knobs: Tuple[Tuple[str, object], ...]   # data.synthetic.Knobs fields
+  train_manifests: Tuple[str, ...]
+  eval_manifests: Tuple[str, ...]
+  pipeline: pipeline_lib.DataConfig
 
   def __post_init__(self):
-    _check(self.temperature >= 0, 'sampling.temperature must be >= 0 (0 = greedy)')
-    _check(0 < self.top_p <= 1, 'sampling.top_p must be in (0, 1]')
-    _check(self.max_new_tokens >= 1, 'sampling.max_new_tokens must be >= 1')
+    _check(self.source in SOURCES, f'data.source={self.source!r}; choose one of {SOURCES}')
+    if self.source == 'manifest':
+      _check(bool(self.train_manifests), "data.source='manifest' needs --config.data.train_manifest=FILE")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +158,7 @@ class LoopConfig:
   def __post_init__(self):
     _check(self.sft_steps >= 0 and self.rl_steps >= 0, 'train.sft_steps and train.rl_steps must be >= 0')
     _check(self.sft_steps + self.rl_steps > 0, 'nothing to do: set train.sft_steps or train.rl_steps > 0')
+    _check(self.log_every >= 1, 'train.log_every must be >= 1')
     _check(self.ckpt_every >= 1 and self.ckpt_keep >= 1, 'checkpoint.every and checkpoint.keep must be >= 1')
     _check(self.heatmap_every >= 0 and self.heatmap_examples >= 0,
            'train.heatmap_every and train.heatmap_examples must be >= 0 (0 = off)')
@@ -180,39 +170,171 @@ class LoopConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  shape: Tuple[int, ...]         # resolved: no -1 left
-  axis_names: Tuple[str, ...] = ('data', 'fsdp', 'tensor')
+  shape: Tuple[int, ...]         # resolved ('data', 'fsdp', 'tensor') sizes: no -1 left
   rules: Tuple[Tuple[str, object], ...] = ()
 
   @property
   def batch_shards(self) -> int:
     """Devices the batch is split over: the product of the 'data' and 'fsdp' axes."""
-    return math.prod(s for s, n in zip(self.shape, self.axis_names) if n in ('data', 'fsdp'))
+    return self.shape[0] * self.shape[1]
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   algo: str
   seed: int
+  model: ModelConfig
+  hf_checkpoint: str             # '' = random init
+  init_checkpoint: str           # an Orbax workdir to take the policy parameters from ('' = none)
+  tokenizer: str                 # a tokenizer directory or 'embedded'
+  record_layer: int              # the decoder layer whose attention the losses use
+  objective: rlc.ObjectiveConfig
+  advantage: rlc.AdvantageConfig
   rl: RLConfig
-  rl_optim: OptimConfig
-  sft_optim: OptimConfig
-  distill: DistillConfig
   sampling: SamplingConfig
+  teacher: Optional[TeacherConfig]
+  data: DataSettings
   loop: LoopConfig
   mesh: MeshConfig
-
-  @property
-  def uses_attention_record(self) -> bool:
-    return self.rl.lambda_attn > 0 or (self.algo == 'distill' and self.distill.attention
-                                        and self.distill.gamma_attn > 0)
+  rl_optim: OptimConfig
+  sft_optim: OptimConfig
 
 
-def resolve_mesh_shape(shape, axis_names, num_devices: int) -> Tuple[int, ...]:
+# ---- ConfigDict -> components --------------------------------------------------------------------------------
+
+def _off_is_none(v):
+  return v or None
+
+
+# (ObjectiveConfig part, field) -> (ConfigDict path, conversion). A new loss knob is one line here.
+OBJECTIVE_KNOBS: Dict[Tuple[str, str], Tuple[str, Callable]] = {
+    ('grpo', 'clip_eps_low'): ('rl.clip_eps_low', float),
+    ('grpo', 'clip_eps_high'): ('rl.clip_eps_high', float),
+    ('grpo', 'dual_clip'): ('rl.dual_clip', _off_is_none),         # 0 = off
+    ('grpo', 'beta'): ('rl.beta', float),
+    ('grpo', 'kl_estimator'): ('rl.kl_estimator', str),
+    ('grpo', 'aggregation'): ('rl.aggregation', str),
+    ('grpo', 'max_response_length'): ('rl.max_response_length', _off_is_none),   # 0 = the padded Tr
+    ('ral', 'lambda_attn'): ('rl.lambda_attn', float),
+    ('ral', 'rows'): ('rl.rows', str),
+    ('ral', 'aggregation'): ('rl.attn_aggregation', _off_is_none),  # '' = the token loss's mode
+    ('ral', 'allow_single_update'): ('rl.allow_single_update', bool),
+    ('ral', 'divergence'): ('rl.attn_divergence', str),
+    ('distill', 'mu'): ('distill.mu', float),
+    ('distill', 'gamma_attn'): ('distill.gamma_attn', float),
+    ('distill', 'kd_estimator'): ('distill.kd_estimator', str),
+    ('distill', 'kd_aggregation'): ('distill.kd_aggregation', _off_is_none),
+    ('distill', 'attn_aggregation'): ('distill.attn_aggregation', _off_is_none),
+    ('advantage', 'estimator'): ('rl.advantage', str),
+    ('advantage', 'eps'): ('rl.adv_eps', float),
+    ('objective', 'logprob_chunk'): ('rl.logprob_chunk', int),
+}
+
+
+def _get(config, path: str):
+  node = config
+  for k in path.split('.'):
+    node = node[k]
+  return node
+
+
+def _knob_error(e: ValueError) -> ValueError:
+  """Rewrites 'grpo.kl_estimator=...' messages of rl/config.py to name the --config knob."""
+  m = re.match(r"(\w+)\.(\w+)=", str(e))
+  part = {'ral': 'ral', 'grpo': 'grpo', 'distill': 'distill', 'advantage': 'advantage'}.get(m.group(1)) if m else None
+  if part and (part, m.group(2)) in OBJECTIVE_KNOBS:
+    return ValueError(f'--config.{OBJECTIVE_KNOBS[(part, m.group(2))][0]}: {e}')
+  return e
+
+
+def _objective(config, algo: str, temperature: float) -> Tuple[rlc.ObjectiveConfig, rlc.AdvantageConfig]:
+  parts: Dict[str, dict] = {'grpo': {}, 'ral': {}, 'distill': {}, 'advantage': {}, 'objective': {}}
+  for (part, field), (path, conv) in OBJECTIVE_KNOBS.items():
+    parts[part][field] = conv(_get(config, path))
+  if not config.distill.attention:                  # the "GRPO + GKD" baseline row
+    parts['distill']['gamma_attn'] = 0.0
+  try:
+    distill = rlc.DistillConfig(**parts['distill'])   # checked whatever the algo; used by 'distill' only
+    obj = rlc.ObjectiveConfig(grpo=rlc.GRPOConfig(**parts['grpo']), ral=rlc.RALConfig(**parts['ral']),
+                              distill=distill if algo == 'distill' else None, temperature=temperature,
+                              **parts['objective'])
+    adv = rlc.AdvantageConfig(**parts['advantage'])
+  except ValueError as e:
+    raise _knob_error(e) from None
+  return obj, adv
+
+
+def read_hf_config(hf_checkpoint: str) -> dict:
+  path = os.path.join(hf_checkpoint, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: --config.model.hf_checkpoint must be a local HF Qwen2.5-VL '
+                            'directory (config.json + *.safetensors)')
+  with open(path) as f:
+    return json.load(f)
+
+
+def model_config(mc, hf_checkpoint: str, preset: str) -> ModelConfig:
+  """ModelConfig from an HF directory's config.json, else the named preset; then the run-time overrides of the
+  config's `model` node (dtype, param_dtype, remat_policy, attention_impl; '' = keep)."""
+  over = {k: mc[k] for k in ('dtype', 'param_dtype', 'remat_policy', 'attention_impl') if mc[k]}
+  if hf_checkpoint:
+    return ModelConfig.from_hf(read_hf_config(hf_checkpoint), **over)
+  _check(preset in PRESETS, f'model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)} or set '
+                            '--config.model.hf_checkpoint=DIR')
+  return get_preset(preset, **over)
+
+
+def tokenizer_dir(config) -> str:
+  """The run's tokenizer: data.tokenizer, else the HF checkpoint's, else the embedded one ('embedded')."""
+  return config.data.tokenizer or config.model.hf_checkpoint or 'embedded'
+
+
+def synthetic_tasks(task: str) -> Tuple[str, ...]:
+  """data.task -> the synthetic task names (data/synthetic.py)."""
+  from ral_jax.data.synthetic import IMAGE_TASKS, TASKS, VIDEO_TASKS
+  fam = {'video': VIDEO_TASKS, 'image': IMAGE_TASKS, 'mixed': IMAGE_TASKS + VIDEO_TASKS}
+  if task in fam:
+    return tuple(fam[task])
+  names = tuple(t.strip() for t in task.split(',') if t.strip())
+  bad = [t for t in names if t not in TASKS]
+  _check(names and not bad, f'data.task={task!r}: use one of {TASK_FAMILIES} or a comma list of {TASKS}')
+  return names
+
+
+def _data(config, model: ModelConfig, tokenizer: str, fmt: str) -> DataSettings:
+  d = config.data
+  _check(d.source in SOURCES, f'data.source={d.source!r}; choose one of {SOURCES}')
+  split = lambda s: tuple(p.strip() for p in s.split(',') if p.strip())
+  pipeline = pipeline_lib.DataConfig(
+      data_root=d.data_root or None, tokenizer=tokenizer, prompt=PromptConfig(style=fmt),
+      processor=ProcessorConfig.from_vision(model.vision, image_min_pixels=d.image_min_pixels,
+                                            image_max_pixels=d.image_max_pixels,
+                                            video_min_pixels=d.video_min_pixels, video_max_pixels=d.video_max_pixels),
+      video=VideoConfig(fps=d.fps, max_frames=d.max_frames, min_frames=d.min_frames),
+      prompt_buckets=tuple(d.prompt_buckets), patch_buckets=tuple(d.patch_buckets),
+      target_buckets=tuple(d.target_buckets), max_media=d.max_media, num_workers=d.num_workers,
+      read_threads=d.read_threads, max_bad_fraction=d.max_bad_fraction)
+  knobs = (('image_size', d.image_size), ('video_size', d.video_size), ('video_frames', d.video_frames),
+           ('object_size', d.object_size), ('num_distractors', d.num_distractors), ('fps', d.fps))
+  return DataSettings(source=d.source, tasks=synthetic_tasks(d.task) if d.source == 'synthetic' else (),
+                      num_train=d.num_train, num_eval=d.num_eval, synthetic_seed=d.synthetic_seed,
+                      synthetic_knobs=knobs, train_manifests=split(d.train_manifest),
+                      eval_manifests=split(d.eval_manifest), pipeline=pipeline)
+
+
+def _sampling(s, model: ModelConfig) -> SamplingConfig:
+  """sampling.temperature 0 means greedy decoding; its log-probs (and the loss's) are then taken at T = 1."""
+  _check(s.temperature >= 0, f'sampling.temperature={s.temperature} must be >= 0 (0 = greedy)')
+  greedy = s.temperature == 0
+  return SamplingConfig(temperature=1.0 if greedy else float(s.temperature), greedy=greedy, top_k=s.top_k,
+                        top_p=s.top_p, max_new_tokens=s.max_new_tokens, dtype=s.dtype or str(model.dtype))
+
+
+def resolve_mesh_shape(shape, num_devices: int) -> Tuple[int, ...]:
   """Replaces a -1 by the remaining devices. A fixed shape may use a divisor of the device count (the first
   devices), e.g. (2, 1, 1) on 8 fake CPU devices in tests."""
   shape = tuple(int(s) for s in shape)
-  _check(len(shape) == len(axis_names), f'mesh.shape {shape} needs one entry per axis {tuple(axis_names)}')
+  _check(len(shape) == len(MESH_AXES), f'mesh.shape {shape} needs one entry per axis {MESH_AXES}')
   _check(sum(s == -1 for s in shape) <= 1, f'mesh.shape {shape}: at most one -1')
   _check(all(s == -1 or s >= 1 for s in shape), f'mesh.shape {shape}: entries must be >= 1 or -1')
   known = math.prod(s for s in shape if s != -1)
@@ -228,28 +350,33 @@ def resolve_mesh_shape(shape, axis_names, num_devices: int) -> Tuple[int, ...]:
 
 
 def build(config, num_devices: int, warn: bool = True) -> RunConfig:
-  """Validates `config` (a ConfigDict of configs/common.py) for `num_devices` devices; returns a RunConfig."""
+  """Validates `config` (a ConfigDict of configs/common.py) for `num_devices` devices; returns a RunConfig.
+  warn=False skips the single-update check (evaluation and compile checks do not train)."""
   algo = config.algo
   _check(algo in ALGOS, f'config.algo={algo!r} is unknown; choose one of {ALGOS}')
-  d = config.data
-  _check(d.source in SOURCES, f'data.source={d.source!r}; choose one of {SOURCES}')
-  if d.source == 'synthetic':
-    synthetic_tasks(d.task)
-  if d.source == 'manifest':
-    _check(bool(d.train_manifest), "data.source='manifest' needs --config.data.train_manifest=FILE")
-  if config.model.preset not in _model_presets() and not config.model.hf_checkpoint:
-    raise ValueError(f'model.preset={config.model.preset!r} is unknown; choose one of {_model_presets()} '
-                     'or set --config.model.hf_checkpoint=DIR')
+  mc = config.model
+  model = model_config(mc, mc.hf_checkpoint, mc.preset)
+  layers = tuple(mc.record_layers)
+  _check(len(layers) == 1, f'model.record_layers={layers}: the RL losses use one recorded layer; give one index')
+  _check(-model.num_hidden_layers <= layers[0] < model.num_hidden_layers,
+         f'model.record_layers={layers}: outside [-{model.num_hidden_layers}, {model.num_hidden_layers})')
   r = config.rl
-  rl = RLConfig(
-      prompts_per_batch=r.prompts_per_batch, group_size=r.group_size, num_minibatches=r.num_minibatches,
-      epochs=r.epochs, micro_batches=r.micro_batches, lambda_attn=float(r.lambda_attn), beta=float(r.beta),
-      kl_estimator=r.kl_estimator, clip_eps_low=r.clip_eps_low, clip_eps_high=r.clip_eps_high,
-      dual_clip=r.dual_clip, aggregation=r.aggregation, attn_aggregation=r.attn_aggregation or r.aggregation,
-      rows=r.rows, advantage=r.advantage, adv_eps=r.adv_eps, reward=r.reward, accuracy_weight=r.accuracy_weight,
-      format_weight=r.format_weight, format=r.format, logprob_chunk=r.logprob_chunk,
-      record_layers=tuple(config.model.record_layers), attn_divergence=r.attn_divergence,
-      record_attention=bool(r.record_attention), ral_grad_share=bool(r.ral_grad_share))
+  rl = RLConfig(prompts_per_batch=r.prompts_per_batch, group_size=r.group_size, num_minibatches=r.num_minibatches,
+                epochs=r.epochs, micro_batches=r.micro_batches, reward=r.reward, accuracy_weight=r.accuracy_weight,
+                format_weight=r.format_weight, format=r.format, record_attention=bool(r.record_attention),
+                ral_grad_share=bool(r.ral_grad_share))
+  sampling = _sampling(config.sampling, model)
+  objective, advantage = _objective(config, algo, sampling.temperature)
+  teacher = None
+  if algo == 'distill':
+    dc = config.distill
+    _check(dc.teacher_checkpoint or dc.teacher_preset in PRESETS,
+           f'distill.teacher_preset={dc.teacher_preset!r} unknown; choose {sorted(PRESETS)} or set '
+           'distill.teacher_checkpoint=DIR')
+    teacher = TeacherConfig(model_config(mc, dc.teacher_checkpoint, dc.teacher_preset), dc.teacher_checkpoint,
+                            dc.teacher_seed)
+  tokenizer = tokenizer_dir(config)
+  data = _data(config, model, tokenizer, rl.format)
   t, o, ck = config.train, config.optim, config.checkpoint
   loop = LoopConfig(
       sft_steps=t.sft_steps, rl_steps=t.rl_steps, sft_batch_size=config.sft.batch_size, log_every=t.log_every,
@@ -263,20 +390,7 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
                          micro_batches=r.micro_batches, **common)
   sft_optim = OptimConfig(lr=config.sft.lr, total_steps=max(1, t.sft_steps), micro_batches=config.sft.micro_batches,
                           **common)
-  dc = config.distill
-  distill = DistillConfig(teacher_preset=dc.teacher_preset, teacher_checkpoint=dc.teacher_checkpoint,
-                          teacher_seed=dc.teacher_seed, mu=dc.mu, gamma_attn=dc.gamma_attn,
-                          kd_estimator=dc.kd_estimator, attention=dc.attention)
-  if algo == 'distill':
-    _check(dc.teacher_checkpoint or dc.teacher_preset in _model_presets(),
-           f'distill.teacher_preset={dc.teacher_preset!r} unknown; choose {_model_presets()} or set '
-           'distill.teacher_checkpoint=DIR')
-  s = config.sampling
-  sampling = SamplingConfig(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                            max_new_tokens=s.max_new_tokens, dtype=s.dtype)
-  names = tuple(config.mesh.axis_names)
-  _check(names == ('data', 'fsdp', 'tensor'), f"mesh.axis_names={names}: must be ('data', 'fsdp', 'tensor')")
-  mesh = MeshConfig(shape=resolve_mesh_shape(config.mesh.shape, names, num_devices), axis_names=names,
+  mesh = MeshConfig(shape=resolve_mesh_shape(config.mesh.shape, num_devices),
                     rules=tuple(tuple(x) for x in config.mesh.rules))
   n = mesh.batch_shards
   if loop.rl_steps:
@@ -289,32 +403,12 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
     _check(loop.sft_batch_size % (n * sft_optim.micro_batches) == 0,
            f'sft.batch_size = {loop.sft_batch_size} is not divisible by sft.micro_batches x the {n} batch shards '
            f'of mesh {mesh.shape}; change sft.batch_size or --config.mesh.shape')
-  run = RunConfig(algo=algo, seed=config.seed, rl=rl, rl_optim=rl_optim, sft_optim=sft_optim, distill=distill,
-                  sampling=sampling, loop=loop, mesh=mesh)
-  if warn and loop.rl_steps and rl.lambda_attn > 0 and rl.updates_per_rollout == 1:
-    warnings.warn(
-        f'rl.lambda_attn = {rl.lambda_attn} > 0 but each rollout batch gets a single optimizer step '
-        '(rl.num_minibatches * rl.epochs == 1): p_theta == p_old at that step, so the RAL term and its gradient '
-        'are exactly zero and the run is plain GRPO (method.md s.3). Set --config.rl.num_minibatches=4 '
-        '(or rl.epochs > 1) to make RAL act.', RALSingleUpdateWarning, stacklevel=2)
-  return run
-
-
-def synthetic_tasks(task: str) -> Tuple[str, ...]:
-  """data.task -> the synthetic task names (data/synthetic.py)."""
-  from ral_jax.data.synthetic import IMAGE_TASKS, TASKS, VIDEO_TASKS
-  fam = {'video': VIDEO_TASKS, 'image': IMAGE_TASKS, 'mixed': IMAGE_TASKS + VIDEO_TASKS}
-  if task in fam:
-    return tuple(fam[task])
-  names = tuple(t.strip() for t in task.split(',') if t.strip())
-  bad = [t for t in names if t not in TASKS]
-  _check(names and not bad, f'data.task={task!r}: use one of {TASK_FAMILIES} or a comma list of {TASKS}')
-  return names
-
-
-def _model_presets():
-  from ral_jax.models.config import PRESETS
-  return sorted(PRESETS)
+  if warn and loop.rl_steps:
+    rlc.check_updates_per_rollout(objective, rl.updates_per_rollout)
+  return RunConfig(algo=algo, seed=config.seed, model=model, hf_checkpoint=mc.hf_checkpoint,
+                   init_checkpoint=mc.init_checkpoint, tokenizer=tokenizer, record_layer=layers[0],
+                   objective=objective, advantage=advantage, rl=rl, sampling=sampling, teacher=teacher, data=data,
+                   loop=loop, mesh=mesh, rl_optim=rl_optim, sft_optim=sft_optim)
 
 
 def unknown_keys(config, reference) -> list:
@@ -329,6 +423,5 @@ def unknown_keys(config, reference) -> list:
 
 
 def check_known_keys(config, reference) -> None:
-  bad = unknown_keys(config, reference)
-  _check(not bad, f'unknown config keys {bad}: check the spelling against configs/common.py')
-
+  _check(not unknown_keys(config, reference),
+         f'unknown config keys {unknown_keys(config, reference)}: check the spelling against configs/common.py')

@@ -4,28 +4,73 @@ Outer steps are numbered 1..sft_steps (SFT) then sft_steps+1..sft_steps+rl_steps
 At the first RL step the RL optimizer state is created and the frozen reference is copied from the policy.
 Per-step randomness: fold_in(PRNGKey(seed), outer_step). A run started in a workdir with a checkpoint resumes from
 its latest step (state, reference, data-iterator positions, and the held-out accuracy measured before training).
+Asynchronous dispatch: step t is dispatched before step t-1's metrics are fetched and written (`_log`), so the host
+never waits for a step only to read its numbers. Non-finite values: an update with a non-finite loss or gradient is
+skipped on device (train/step.py) and reported from the fetched metrics a step late; parameters are checked for
+finiteness before every checkpoint (a non-finite state stops the run and is never saved), and
+train.max_skipped_updates consecutive skipped updates stop the run without saving (SkipStreak).
+Faults (README 'Failure handling'): SIGTERM / SIGINT save at the next step boundary and raise Preempted; a damaged
+newest checkpoint falls back to the newest intact one (checkpoint.restore_newest_intact); a finished workdir says so
+(already_done); a resumed run drops the metrics.jsonl lines past the restored step. Multi-host: host-computed
+metrics are gathered over hosts, every host's data position is saved. The workdir may be a gs:// URL (ral_jax.paths).
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Dict, Optional
 
 import jax
 from absl import logging
 
-from ral_jax.train import checkpoint as ckpt_lib
 from ral_jax import metrics as metrics_lib
-from ral_jax.train import config as rc
-from ral_jax.train import stages
-from ral_jax.train import data as train_data
-from ral_jax.train import build as train_init
+from ral_jax import paths
 from ral_jax.data import tokenizer as tokenizer_lib
+from ral_jax.train import build as train_init
+from ral_jax.train import checkpoint as ckpt_lib
+from ral_jax.train import data as train_data
+from ral_jax.train import run_setup
+from ral_jax.train import stages
 from ral_jax.train.state import all_finite
 
 
 class Preempted(Exception):
-  """Raised (after a checkpoint) when the loop stops early: SIGTERM or train.stop_after."""
+  """Raised (after a checkpoint) when the loop stops early: SIGINT / SIGTERM (`signum`) or train.stop_after
+  (`signum` None). `step`: the outer step saved."""
+
+  def __init__(self, msg: str, step: int = 0, signum: Optional[int] = None):
+    super().__init__(msg)
+    self.step, self.signum = step, signum
+
+
+class Diverged(FloatingPointError):
+  """train.max_skipped_updates consecutive optimizer updates were skipped (non-finite loss or gradient)."""
+
+
+class SkipStreak:
+  """Consecutive skipped optimizer updates across outer steps. An outer step whose `skipped` equals its number of
+  updates extends the streak; one with any applied update ends it (the order inside a step is not known, so a
+  partly skipped step counts as applied)."""
+
+  def __init__(self, limit: int):
+    self.limit, self.count = limit, 0
+
+  def update(self, skipped: float, updates: int, outer: int) -> None:
+    self.count = self.count + updates if skipped >= updates else 0
+    if self.limit and self.count >= self.limit:
+      raise Diverged(f'step {outer}: the last {self.count} optimizer updates were all skipped (non-finite loss or '
+                     f'gradient); stopping without saving. Lower the learning rate (sft.lr / rl.lr) or check the '
+                     f'data; the last saved checkpoint is intact (limit: train.max_skipped_updates='
+                     f'{self.limit}).')
+
+
+def _any_host(flag: bool) -> bool:
+  """True when `flag` is set on any process (a signal may reach only some hosts; all must stop at one step)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.process_allgather(jax.numpy.asarray(flag, jax.numpy.int32)).max())
 
 
 def _say(msg: str, writer: Optional[metrics_lib.MetricsWriter] = None):
@@ -41,35 +86,25 @@ class Trainer:
 
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
-    self.run_cfg = rc.build(config, jax.device_count())
-    run = self.run_cfg
-    self.mesh, self.rules = train_init.make_mesh_and_rules(run)
-    mc = config.model
-    self.model_cfg = train_init.model_config(mc, mc.hf_checkpoint, mc.preset)
-    tok_dir = config.data.tokenizer or mc.hf_checkpoint or 'embedded'
-    tokenizer = tokenizer_lib.load_tokenizer(tok_dir)
-    ids = tokenizer_lib.check_matches_model(tokenizer, self.model_cfg)
-    self.ctx = stages.Context(run=run, model_cfg=self.model_cfg, mesh=self.mesh, rules=self.rules,
-                              tokenizer=tokenizer, ids=ids)
-    if run.algo == 'distill' and run.loop.rl_steps:
-      self.ctx.teacher_cfg, self.ctx.teacher_params = train_init.load_teacher(run, mc, self.mesh, self.rules)
-    train_files, eval_files = train_data.manifests(config, workdir)
+    self.ctx = run_setup.build_run(config)
+    run = self.run_cfg = self.ctx.run
+    self.mesh, self.rules, self.model_cfg = self.ctx.mesh, self.ctx.rules, run.model
+    if run.teacher is not None and run.loop.rl_steps:
+      self.ctx.teacher_cfg, self.ctx.teacher_params = train_init.load_teacher(run, self.mesh, self.rules)
+    train_files, eval_files = train_data.manifests(run, workdir)
     self.sft_data = self.rl_data = None
+    counter = train_data.make_counter(run)   # one for both stages: a file read by both is counted once
     if run.loop.sft_steps:
-      self.sft_data = train_data.make_stage_data(config, self.model_cfg, train_files, run.loop.sft_batch_size, 'sft')
+      self.sft_data = train_data.make_stage_data(run, train_files, run.loop.sft_batch_size, 'sft', counter)
     if run.loop.rl_steps:
-      self.rl_data = train_data.make_stage_data(config, self.model_cfg, train_files, run.rl.prompts_per_batch, 'rl')
-    self.eval_batches = train_data.eval_batches(config, self.model_cfg, eval_files, run.loop.eval_examples,
-                                                run.loop.eval_batch)
+      self.rl_data = train_data.make_stage_data(run, train_files, run.rl.prompts_per_batch, 'rl', counter)
+    self.eval_batches = train_data.eval_batches(run, eval_files, run.loop.eval_examples, run.loop.eval_batch)
     self.ckpt = ckpt_lib.Checkpointer(workdir, run.loop.ckpt_every, run.loop.ckpt_keep, run.loop.ckpt_async)
     self.base_rng = jax.random.PRNGKey(run.seed)
     self._steps: Dict[str, train_init.Steps] = {}
+    self.streak = SkipStreak(config.train.max_skipped_updates)
 
   # ---- state -----------------------------------------------------------------------------------------------
-  def _initial_params(self):
-    mc = self.config.model
-    return train_init.init_model_params(self.model_cfg, self.mesh, self.rules, self.run_cfg.seed, mc.hf_checkpoint)
-
   def steps_for(self, stage: str, state=None) -> train_init.Steps:
     if stage not in self._steps:
       sh = train_init.state_shardings_of(state)
@@ -86,51 +121,41 @@ class Trainer:
 
   def restore_or_init(self):
     """(outer step done, stage, state, ref params, meta) from the latest checkpoint, else a fresh start."""
-    params = self._initial_params()
-    if self.config.model.init_checkpoint:
-      params = self._params_from_orbax(self.config.model.init_checkpoint, params)
-    latest = self.ckpt.latest_step()
+    params = run_setup.restore_params(self.ctx)
     first_stage = 'sft' if self.run_cfg.loop.sft_steps else 'rl'
-    if latest is None:
+
+    def templates(step):   # the stage a step was saved in (its meta), so a step beyond the total restores too
+      stage = self.ckpt.read_meta(step).get('stage') or self.stage_of(step)
+      return self.new_state(stage, params), (train_init.reference_of(params) if stage == 'rl' else None)
+
+    found = self.ckpt.restore_newest_intact(templates)   # skips (and reports) damaged newer steps
+    if found is None:
       ref = train_init.reference_of(params) if first_stage == 'rl' else None
       return 0, first_stage, self.new_state(first_stage, params), ref, {}
-    stage = self.stage_of(latest)
-    template = self.new_state(stage, params)
-    ref_like = train_init.reference_of(params) if stage == 'rl' else None
-    state, ref, meta = self.ckpt.restore(latest, template, ref_like)
+    latest, state, ref, meta = found
+    stage = meta.get('stage') or self.stage_of(latest)
     if stage == 'rl' and ref is None:
       raise ValueError(f'checkpoint {latest} in {self.ckpt.directory} is an RL step but holds no reference model '
                        "('ref'); resume from an earlier step or start a new workdir")
     for name, data in (('sft', self.sft_data), ('rl', self.rl_data)):
       if data is not None and name in meta.get('data_state', {}):
-        data.set_state(meta['data_state'][name])
+        data.import_state(meta['data_state'][name])
     return latest, stage, state, ref, meta
-
-  def _params_from_orbax(self, directory: str, like):
-    """Policy parameters of the latest checkpoint of another ral_jax workdir (or its checkpoints/ folder)."""
-    workdir = directory[:-len('/checkpoints')] if directory.rstrip('/').endswith('/checkpoints') else directory
-    other = ckpt_lib.Checkpointer(workdir.rstrip('/'), 1, 1, False)
-    step = other.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'model.init_checkpoint={directory!r} holds no ral_jax checkpoint')
-    stage = other.read_meta(step).get('stage', 'rl')
-    state, _, _ = other.restore(step, self.new_state(stage, like), None)
-    other.close()
-    return state.params
 
   # ---- the loop ----------------------------------------------------------------------------------------------
   def _save(self, outer: int, stage: str, state, ref, extra: Dict, force: bool = False):
     data_state = {}
     for name, data in (('sft', self.sft_data), ('rl', self.rl_data)):
       if data is not None:
-        data_state[name] = data.get_state()
+        data_state[name] = data.export_state()   # every host's position (a collective)
     meta = dict(extra, outer_step=outer, stage=stage, data_state=data_state)
     self.ckpt.save(outer, state, meta, ref=ref if stage == 'rl' else None, force=force)
 
   def evaluate(self, params, outer: int) -> Dict[str, float]:
     if not self.eval_batches:
       return {}
-    return stages.evaluate(self.ctx, params, self.eval_batches, jax.random.fold_in(self.base_rng, 10 ** 9 + outer))
+    ev = stages.evaluate(self.ctx, params, self.eval_batches, jax.random.fold_in(self.base_rng, 10 ** 9 + outer))
+    return metrics_lib.gather_host_metrics(ev)   # each host scored its own rows: the run-wide accuracy
 
   def heatmaps(self, params, outer: int, tag: str, writer):
     """Attention heat maps of the first held-out examples (ral_jax/eval/attention.py): PNGs + TensorBoard."""
@@ -138,15 +163,18 @@ class Trainer:
     if not n or not self.eval_batches:
       return
     from ral_jax.eval import attention
-    rl = self.run_cfg.rl
-    attention.snapshot(self.ctx, params, self.eval_batches[0], os.path.join(self.workdir, 'attention'), tag,
-                       step=outer, examples=range(n), tb_writer=writer.tb, layer=rl.record_layers[0], rows=rl.rows)
+    with paths.staged_dir(paths.join(self.workdir, 'attention')) as out:   # PNGs: local, uploaded if remote
+      attention.snapshot(self.ctx, params, self.eval_batches[0], out, tag, step=outer, examples=range(n),
+                         tb_writer=writer.tb, layer=self.run_cfg.record_layer, rows=self.run_cfg.objective.ral.rows)
 
   def run(self) -> Dict[str, float]:
     run = self.run_cfg
     total = run.loop.total_steps
     done, stage, state, ref, meta = self.restore_or_init()
-    writer = metrics_lib.MetricsWriter(self.workdir, total, done)
+    if already_done(done, total, self.workdir, run.loop.export_hf):
+      self.ckpt.close()
+      return {'already_complete': 1.0}
+    writer = metrics_lib.MetricsWriter(self.workdir, total, done, drop_after=done)
     guard = ckpt_lib.PreemptionGuard()
     extra = {k: meta[k] for k in ('eval_before', 'eval_before_evidence_mass') if k in meta}
     try:
@@ -161,7 +189,7 @@ class Trainer:
         _say(f'held-out accuracy before training: {ev["eval/accuracy"]:.3f} '
              f'(format {ev["eval/format"]:.3f}, {int(ev["eval/examples"])} examples, greedy)', writer)
         self.heatmaps(state.params, 0, 'step0_before', writer)
-      last = {}
+      last, pending = {}, None
       t_prev = time.perf_counter()
       for outer in range(done + 1, total + 1):
         new_stage = self.stage_of(outer)
@@ -170,8 +198,8 @@ class Trainer:
           ref = train_init.reference_of(state.params)
           stage = new_stage
         if stage == 'rl' and outer == run.loop.sft_steps + 1:
-          _say(f'step {outer}: RL stage ({run.algo}, lambda_attn={run.rl.lambda_attn}, G={run.rl.group_size}, '
-               f'{run.rl.updates_per_rollout} updates per rollout)', writer)
+          _say(f'step {outer}: RL stage ({run.algo}, lambda_attn={run.objective.ral.lambda_attn}, '
+               f'G={run.rl.group_size}, {run.rl.updates_per_rollout} updates per rollout)', writer)
         steps = self.steps_for(stage, state)
         if stage == 'sft':
           state, m = stages.sft_step(self.ctx, steps, state, self.sft_data.next())
@@ -180,29 +208,30 @@ class Trainer:
           state, m, texts = stages.rl_step(self.ctx, steps, state, ref, self.rl_data.next(), rng)
           if outer % max(run.loop.log_every * 10, 1) == 0 or outer == done + 1:
             logging.info('step %d sample response: %r', outer, texts[0][:300])
-        m = dict(m)
+        # Step `outer` is dispatched: only now are the previous step's metrics fetched (no stall between steps).
+        last = self._log(pending, writer) or last
+        m = metrics_lib.gather_host_metrics(m)   # rewards, lengths, times: computed per host
         m.update(self._data_metrics())
         now = time.perf_counter()
         m['time/step_wall'], t_prev = now - t_prev, now
+        pending = (outer, stage, m)
         if run.loop.eval_every and outer % run.loop.eval_every == 0 and outer < total:
           m.update(self.evaluate(state.params, outer))
         if run.loop.heatmap_every and outer % run.loop.heatmap_every == 0 and outer < total:
           self.heatmaps(state.params, outer, f'step{outer}', writer)
-        if outer % run.loop.log_every == 0 or outer == total:
-          last = writer.write(outer, m, stage=stage)
-        if float(m.get('skipped', 0.0)) > 0:
-          _say(f'step {outer}: {int(float(m["skipped"]))} optimizer update(s) skipped (non-finite loss or '
-               'gradient)', writer)
-        writer.advance(1, stage)
-        if not bool(all_finite(state.params)):
-          _say(f'step {outer}: non-finite parameters; stopping without saving', writer)
-          raise FloatingPointError(f'non-finite parameters at step {outer}')
-        stop = guard.requested or (run.loop.stop_after and outer >= run.loop.stop_after)
+        signalled = _any_host(guard.requested)
+        stop = signalled or (run.loop.stop_after and outer >= run.loop.stop_after)
         if self.ckpt.should_save(outer) or stop or outer == total:
+          last = self._log(pending, writer) or last
+          pending = None
+          if not bool(all_finite(state.params)):   # never checkpoint non-finite parameters
+            _say(f'step {outer}: non-finite parameters; stopping without saving', writer)
+            raise FloatingPointError(f'non-finite parameters at step {outer}')
           self._save(outer, stage, state, ref, extra, force=bool(stop))
         if stop:
           self.ckpt.wait()
-          raise Preempted(f'stopped after step {outer} (checkpoint saved)')
+          raise Preempted(f'stopped after step {outer} (checkpoint saved)', outer,
+                          (guard.signum or signal.SIGTERM) if signalled else None)
       ev = self.evaluate(state.params, total)
       if ev:
         writer.write(total, ev, stage='eval')
@@ -223,33 +252,99 @@ class Trainer:
       writer.close()
       self.ckpt.close()
 
+  def _log(self, pending, writer) -> Dict[str, float]:
+    """Fetches and writes the metrics of a dispatched step (outer, stage, metrics) and reports skipped (non-finite)
+    updates; returns the host metrics when the step is logged, else {}."""
+    if pending is None:
+      return {}
+    outer, stage, m = pending
+    total = self.run_cfg.loop.total_steps
+    host = {}
+    if outer % self.run_cfg.loop.log_every == 0 or outer == total:
+      host = writer.write(outer, m, stage=stage)
+    skipped = float(host['skipped'] if 'skipped' in host else m.get('skipped', 0.0))
+    if skipped > 0:
+      _say(f'step {outer}: {int(skipped)} optimizer update(s) skipped (non-finite loss or gradient)', writer)
+    writer.advance(1, stage)
+    self.streak.update(skipped, 1 if stage == 'sft' else self.run_cfg.rl.updates_per_rollout, outer)
+    return host
+
   def _data_metrics(self) -> Dict[str, float]:
-    m = train_data.bad_input_metrics(self.sft_data, self.rl_data)
-    if m.get('data/seen'):
-      m['data/bad_fraction'] = m.get('data/bad', 0.0) / m['data/seen']
-    return m
+    return train_data.bad_input_metrics(self.sft_data, self.rl_data)
 
   def export(self, params, writer=None):
     """The policy as an HF checkpoint directory (config.json, safetensors, tokenizer files) in <workdir>/hf_export."""
-    import glob
-    import shutil
-    from ral_jax.models import hf_io
-    out = os.path.join(self.workdir, 'hf_export')
-    if jax.process_index() == 0:
-      hf_io.save_hf(jax.device_get(params), self.model_cfg, out, max_shard_bytes=4 << 30)
-      tok_dir = self.config.data.tokenizer or self.config.model.hf_checkpoint or tokenizer_lib.EMBEDDED_DIR
-      for f in glob.glob(os.path.join(tok_dir, '*')):
-        name = os.path.basename(f)
-        if os.path.isfile(f) and ('token' in name or 'chat_template' in name or name in ('vocab.json', 'merges.txt')):
-          shutil.copy(f, os.path.join(out, name))
-      _say(f'exported the policy as an HF checkpoint to {out}', writer)
+    out = paths.join(self.workdir, 'hf_export')
+    tok_dir = tokenizer_lib.tokenizer_path(self.run_cfg.tokenizer)
+    export_policy(params, self.model_cfg, tok_dir, out)
+    _say(f'exported the policy as an HF checkpoint to {out}', writer)
+
+
+def host_params(params):
+  """Parameters as host numpy arrays; multi-host, an all-gather every process takes part in."""
+  if jax.process_count() == 1:
+    return jax.device_get(params)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(params, tiled=True)
+
+
+def export_policy(params, model_cfg, tok_dir: str, out: str) -> None:
+  """Writes params as an HF checkpoint (+ the tokenizer files of `tok_dir`) to `out` (local or gs://); called
+  by every process, written by process 0."""
+  from ral_jax.models import hf_io
+  host = host_params(params)
+  if jax.process_index() != 0:
+    return
+  with paths.staged_dir(out) as local:
+    hf_io.save_hf(host, model_cfg, local, max_shard_bytes=4 << 30)
+    for name in paths.listdir(tok_dir):
+      src = paths.join(tok_dir, name)
+      if paths.isfile(src) and ('token' in name or 'chat_template' in name or name in ('vocab.json', 'merges.txt')):
+        with open(os.path.join(local, name), 'wb') as f:
+          f.write(paths.read_bytes(src))
+
+
+def already_done(done: int, total: int, workdir: str, export_hf: bool) -> bool:
+  """True (and says so) when the restored step leaves nothing to do; warns when it lies beyond the total."""
+  if done < total:
+    return False
+  ckpts = paths.join(workdir, 'checkpoints')
+  if done > total:
+    _say(f'WARNING: checkpoint step {done} in {ckpts} is beyond this run\'s {total} steps (train.sft_steps + '
+         'train.rl_steps): nothing to train. Raise the step counts to continue, or use a new --workdir.')
+  if export_hf and not paths.exists(paths.join(workdir, 'hf_export', 'config.json')):
+    return False      # finished training but not the export (killed during it): finish that
+  _say(f'this run is already complete: {ckpts} holds step {done} of {total}. Use a new --workdir for a new run, or '
+       'raise train.sft_steps / train.rl_steps to train further.')
+  return True
+
+
+def _remove_if_empty(workdir: str) -> None:
+  """Removes `workdir` if it holds nothing but empty folders (what a run that failed at start leaves)."""
+  if jax.process_index() != 0 or not paths.isdir(workdir):
+    return
+  if next(paths.walk_files(workdir), None) is None:
+    paths.rmtree(workdir)
 
 
 def run(config, workdir: str) -> Dict[str, float]:
-  """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics."""
-  os.makedirs(workdir, exist_ok=True)
+  """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the last logged metrics.
+  A run that fails before writing anything removes the workdir it created."""
+  existed = paths.exists(workdir)
+  newest = ckpt_lib.newest_step(workdir) if existed else None
+  if newest is not None and already_done(newest, config.train.sft_steps + config.train.rl_steps, workdir,
+                                         config.train.export_hf):
+    return {'already_complete': 1.0}   # known before building anything (a model, the data pipelines)
+  paths.makedirs(workdir)
   t0 = time.time()
-  out = Trainer(config, workdir).run()
-  _say(f'done in {time.time() - t0:.0f} s; metrics in {os.path.join(workdir, "metrics.jsonl")}, TensorBoard: '
-       f'tensorboard --logdir {os.path.join(workdir, "tb")}')
+  try:
+    out = Trainer(config, workdir).run()
+  except BaseException:
+    if not existed:
+      _remove_if_empty(workdir)
+    raise
+  if out.get('already_complete'):
+    return out
+  _say(f'done in {time.time() - t0:.0f} s; metrics in {paths.join(workdir, "metrics.jsonl")}, TensorBoard: '
+       f'tensorboard --logdir {paths.join(workdir, "tb")}')
   return out

@@ -7,10 +7,11 @@ Conventions:
     constant  lr
   (the first step already uses a non-zero rate.)
 - Clipping is on the global norm of the *trainable* gradients, before AdamW.
-- Frozen subtrees (default: the vision tower 'visual', method.md s.1) get `optax.set_to_zero()` through
+- Frozen subtrees (default: the vision tower 'visual', ral_jax/docs/method.md s.1) get `optax.set_to_zero()` through
   `optax.multi_transform`: zero update and no optimizer state (no Adam moments for them).
-- Gradient accumulation over micro-batches is done in `train_step` (a `lax.scan` that averages the micro-batch
-  gradients before one optimizer update), so one jitted call is one optimizer step.
+- Gradient accumulation over micro-batches is done in `train/step.py` (a `lax.scan` that *sums* the micro-batch
+  losses and gradients, each micro-batch loss already normalised by the whole mini-batch's denominator, so the sum is
+  the mini-batch gradient exactly) before one optimizer update.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """One outer step of each stage, orchestrated (no math here): SFT step, RL step, held-out evaluation.
 
-RL step (design.md): prompts -> vision tower once -> rollout (G samples per prompt) -> decode + rewards (host) ->
-group advantages -> scoring pass with the current params (old log-probs, old attention policy) and the frozen
-reference (reference log-probs) [-> teacher forward for distillation] -> epochs x mini-batch updates.
+RL step (ral_jax/docs/design.md): prompts -> vision tower once -> rollout (G samples per prompt) -> decode +
+rewards (host) -> group advantages -> scoring pass with the current params (old log-probs, old attention policy)
+and the frozen reference (reference log-probs) [-> teacher forward for distillation] -> epochs x mini-batch updates.
 Every function returns (state, metrics dict of scalars); timings are wall-clock seconds of each phase.
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ from ral_jax.eval import evidence as eval_evidence
 from ral_jax.rl import advantages as adv_lib
 from ral_jax.rl import evidence as evidence_lib
 from ral_jax.rl import rewards as rewards_lib
-from ral_jax.rl.config import AdvantageConfig
 from ral_jax.rl.objective import RLBatch
 from ral_jax.train.step import encode_vision
 
@@ -47,11 +46,9 @@ class Context:
     return self._encode(cfg, params, dev['pixel_values'], dev['vision_meta'])
 
   def sampling(self, greedy: bool = False) -> sampling_lib.SamplingConfig:
+    """The run's sampling config with the tokenizer's stop and pad ids (greedy=True: argmax decoding)."""
     s = self.run.sampling
-    return sampling_lib.SamplingConfig(
-        temperature=s.temperature if s.temperature > 0 else 1.0, top_k=s.top_k, top_p=s.top_p,
-        greedy=greedy or s.temperature == 0, max_new_tokens=s.max_new_tokens, stop_ids=tuple(self.ids.eos),
-        pad_id=self.ids.pad, dtype=s.dtype or self.model_cfg.dtype)
+    return dataclasses.replace(s, greedy=greedy or s.greedy, stop_ids=tuple(self.ids.eos), pad_id=self.ids.pad)
 
   def format_reward(self) -> str:
     return 'format_answer_only' if self.run.rl.format == 'answer_only' else 'format_think_answer'
@@ -104,8 +101,7 @@ def rl_step(ctx: Context, steps, state, ref_params, batch: Dict, rng):
   out = _rollout(ctx, state.params, dev, vis, rng, G, greedy=False)
   texts, rewards, per, rmetrics, lengths = _texts_and_rewards(ctx, out, batch, G)
   t1 = time.perf_counter()
-  a = np.asarray(adv_lib.group_advantages(jnp.asarray(rewards), G,
-                                          AdvantageConfig(run.rl.advantage, run.rl.adv_eps)))
+  a = np.asarray(adv_lib.group_advantages(jnp.asarray(rewards), G, run.advantage))
   adv = sharding.shard_batch({'a': a}, ctx.mesh)['a']
   x = batches.sequence_inputs(dev['prompt_ids'], dev['prompt_mask'], dev['positions'], out.tokens,
                               out.response_mask, vis, repeats=G)

@@ -61,10 +61,10 @@ def merge_rows(tree):
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Static settings of the step functions (hashable; closed over by jit)."""
+  """Static settings of the step functions (hashable; closed over by jit), made from a RunConfig by
+  train.build.step_config."""
   model_cfg: Any
-  objective: ObjectiveConfig
-  rows: str = 'response'
+  objective: ObjectiveConfig      # its ral.rows picks the recorded rows
   record_layer: int = -1
   num_minibatches: int = 1
   epochs: int = 1
@@ -74,17 +74,13 @@ class StepConfig:
   record: bool = True             # the attention policy is needed (lambda_attn > 0 or attention distillation)
   ral_grad_share: bool = False    # also log ral/grad_share (one extra backward of the RAL term alone)
 
-  @property
-  def model(self):
-    return Qwen25VL(self.model_cfg)
-
 
 def forward(sc: StepConfig, params, x: ModelInputs, response_len: int, record: bool, model_cfg=None):
   """-> (hidden of the states predicting the response [N,Tr,D], attention policy [N,Tr,S] or None)."""
   cfg = model_cfg or sc.model_cfg
   n, t = x.input_ids.shape
   tp = t - response_len
-  rows = record_rows(n, tp, response_len, sc.rows) if record else None
+  rows = record_rows(n, tp, response_len, sc.objective.ral.rows) if record else None
   out = Qwen25VL(cfg).apply({'params': params}, x.input_ids, jnp.swapaxes(x.positions, 0, 1), x.attention_mask,
                             visual_embeds=x.visual_embeds, record_rows=rows, record_layers=(sc.record_layer,),
                             return_hidden=True)
@@ -164,7 +160,7 @@ def _guarded_apply(state: TrainState, tx, loss, grads, metrics):
 def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBatch, teacher_hidden=None,
               teacher_kernel=None) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """epochs x num_minibatches optimizer steps on one scored rollout batch; metrics averaged over the steps, plus
-  'first/...' and 'last/...' copies of the RAL JSD (0 at the first step by construction, method.md s.3)."""
+  'first/...' and 'last/...' copies of the RAL JSD (0 at the first step by construction, ral_jax/docs/method.md s.3)."""
   tr = batch.response_ids.shape[1]
   obj = sc.objective
 
