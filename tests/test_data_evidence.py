@@ -33,7 +33,8 @@ def test_parse_good_and_bad():
 
 def test_manifest_records_with_and_without_evidence(tmp_path):
   rows = [{'id': 'a', 'question': 'q', 'answer': 'A', 'image': 'x.png'},
-          {'id': 'b', 'question': 'q', 'answer': 'A', 'image': 'x.png', 'evidence': [{'media': 0, 'box': [0, 0, 4, 4]}]},
+          {'id': 'b', 'question': 'q', 'answer': 'A', 'image': 'x.png',
+           'evidence': [{'media': 0, 'box': [0, 0, 4, 4]}]},
           {'id': 'c', 'question': 'q', 'answer': 'A', 'image': 'x.png', 'evidence': [{'media': 0, 'box': 'all'}]}]
   path = tmp_path / 'm.jsonl'
   path.write_text(''.join(json.dumps(r) + '\n' for r in rows))

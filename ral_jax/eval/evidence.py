@@ -1,7 +1,7 @@
 """Held-out attention-on-evidence: the recorded attention policy of greedy answers, scored by rl/evidence.py.
 
 `heldout_evidence(ctx, params, dev, out, vis)` runs the training forward once over `prompt | greedy response` with
-the attention record of the training layer and rows (RunConfig.rl.record_layers, rl.rows) and returns the sums
+the attention record of the training layer and rows (RunConfig.record_layer, objective.ral.rows) and returns the sums
 that stages.evaluate averages into 'eval/evidence_mass' (mean over examples with evidence of the per-example
 mean over response rows of the visual mass on evidence tokens) and 'eval/evidence_chance' (the share of visual
 tokens that are evidence: what uniform attention over the visual tokens would score).
@@ -47,10 +47,10 @@ def heldout_evidence(ctx, params, dev: Dict, out, vis) -> Dict[str, float]:
     return {'sum': 0.0, 'chance_sum': 0.0, 'n': 0.0}
   x = batches.sequence_inputs(dev['prompt_ids'], dev['prompt_mask'], dev['positions'], out.tokens,
                               out.response_mask, vis)
-  layer = ctx.run.rl.record_layers[0]
+  layer = ctx.run.record_layer
   layer = layer if layer >= 0 else ctx.model_cfg.num_hidden_layers + layer
   mean, cnt, chance = _per_example(ctx.model_cfg, params, x, dev['evidence_mask'], out.tokens.shape[1], layer,
-                                   ctx.run.rl.rows)
+                                   ctx.run.objective.ral.rows)
   mean, cnt, chance = (batches.host_rows(a) for a in (mean, cnt, chance))
   keep = (batches.host_rows(dev['has_evidence']) > 0) & (cnt > 0)
   return {'sum': float(np.sum(mean[keep])), 'chance_sum': float(np.sum(chance[keep])), 'n': float(np.sum(keep))}

@@ -125,7 +125,8 @@ def _save_png(path: str, rgb: np.ndarray, title: str, vmax: Optional[float] = No
   scale = max(1.0, 256.0 / max(h, w))
   width = int(w * scale / 7)
   lines = textwrap.wrap(title, max(16, width)) or ['']
-  cap = [l for part in caption.split('\n') for l in (textwrap.wrap(part, max(16, width + 10)) or [''])] if caption else []
+  cap = ([l for part in caption.split('\n') for l in (textwrap.wrap(part, max(16, width + 10)) or [''])]
+         if caption else [])
   top, bottom, bar = 14 * len(lines) + 6, 12 * len(cap) + (6 if cap else 0), (44 if vmax is not None else 0)
   H, W = h * scale + top + bottom, w * scale + bar
   fig = plt.figure(figsize=(W / 100, H / 100), dpi=100)

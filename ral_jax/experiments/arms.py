@@ -4,7 +4,7 @@ checkpoint.
 Grammar:  NAME[:LAMBDA][@KEY=VALUE]...
   sft                 no RL: the shared SFT checkpoint itself (evaluated once; greedy evaluation is deterministic)
   grpo                lambda_attn = 0
-  ral:L               GRPO + L * RAL (method.md s.3); `ral` alone is lambda_attn = 1
+  ral:L               GRPO + L * RAL (ral_jax/docs/method.md s.3); `ral` alone is lambda_attn = 1
   @KEY=VALUE          any config override, VALUE parsed as a Python literal when it is one, e.g.
                       ral:1@model.record_layers=(3,)      record layer (the paper's open question: last / middle)
                       ral:1@rl.attn_divergence=kl         KL(p_theta || p_old) instead of the JSD

@@ -11,9 +11,10 @@ with a row mask [B,R] (= response_mask for R = Tr rows) and a key mask [B,S] (1 
   L_attn_kd = aggregate_t( JSD(p_student^t || p_teacher^t) )       teacher held fixed; no advantage
 Masked keys are set to 0 (rows are not renormalised: the model already gives them zero weight); masked rows count
 nowhere. Zeros are handled with the double-where rule, so exact zeros in either input give finite values and finite
-(not NaN) gradients. The gradient is written by hand (custom_vjp): d JSD / d P_i = 1/2 log(P_i / M_i) = 1/2 log1p(d_i), taken as 0
-where P_i == 0 (the true one-sided limit is -inf; through a softmax it is multiplied by P_i = 0 anyway); the backward
-pass keeps only P and Q. At p_theta == p_old the JSD and its gradient are exactly 0.
+(not NaN) gradients. The gradient is written by hand (custom_vjp): d JSD / d P_i = 1/2 log(P_i / M_i) (= 1/2
+log1p(d_i) near P_i = Q_i), taken as 0 where P_i == 0 (the true one-sided limit is -inf; through a softmax it is
+multiplied by P_i = 0 anyway); the backward pass keeps only P and Q. At p_theta == p_old the JSD and its gradient
+are exactly 0.
 A > 0 pulls p_theta toward p_old; A < 0 pushes it away (no clipping).
 """
 from __future__ import annotations
@@ -60,7 +61,8 @@ def jsd(p, q, key_mask=None) -> jnp.ndarray:
 
 def _jsd_terms(p, q):
   """Per-key JSD terms, stable in float32: with s = P + Q and d = (P - Q) / s (so P/M = 1 + d, Q/M = 1 - d),
-    JSD_i = s/4 * f(d),  f(d) = (1 + d) log(1 + d) + (1 - d) log(1 - d) = 2 d atanh(d) + log(1 - d^2)  (= d^2 + d^4/6 + ..)
+    JSD_i = s/4 * f(d),  f(d) = (1 + d) log(1 + d) + (1 - d) log(1 - d) = 2 d atanh(d) + log(1 - d^2)
+                                                                          (= d^2 + d^4/6 + ...)
   The atanh form loses at most a factor 2 to cancellation near d = 0 (where the naive sum of x log x terms loses
   everything: at JSD ~ 1e-7 it is off by 45-325% and often negative); the log1p form is used for |d| > 1/2, and
   f(+-1) = 2 ln 2 (one of P_i, Q_i zero). Every term is >= 0, so the JSD is >= 0 and accurate to a few ulp per term."""

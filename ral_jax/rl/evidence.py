@@ -1,7 +1,7 @@
 """attn/evidence_mass: how much of the attention policy's visual mass lands on the evidence.
 
-For a recorded policy row p^t [S] (method.md s.1) of a sequence with a visual key mask v [S] and an evidence key
-mask e [S] (e <= v; data/evidence.py maps the manifest's boxes and time spans to visual tokens):
+For a recorded policy row p^t [S] (ral_jax/docs/method.md s.1) of a sequence with a visual key mask v [S] and an
+evidence key mask e [S] (e <= v; data/evidence.py maps the manifest's boxes and time spans to visual tokens):
     mass_t = sum_s p^t_s e_s / sum_s p^t_s v_s
 averaged over the valid rows (response rows) of the sequences that have evidence and some visual attention.
 A uniform policy over the visual tokens scores (evidence tokens / visual tokens): the chance level, returned by
