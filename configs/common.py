@@ -152,6 +152,8 @@ def base_config() -> ConfigDict:
   c.train.heatmap_examples = 2 # held-out examples drawn (0 = no heat maps)
   c.train.export_hf = True     # write the final policy as an HF directory to <workdir>/hf_export
   c.train.stop_after = 0       # >0: stop (as if preempted) after this many outer steps; for tests
+  c.train.eval_by_source = False  # held-out accuracy also per record data_source (eval/accuracy/<task>);
+                               # single-process runs only (hosts see different tasks)
   c.train.max_skipped_updates = 8  # stop (without saving) after this many consecutive optimizer updates were
                                # skipped for a non-finite loss or gradient; 0 = never stop
 
@@ -306,6 +308,7 @@ def apply_testbed(c: ConfigDict) -> ConfigDict:
   c.train.eval_every = 10
   c.train.eval_examples = 256
   c.train.eval_batch = 64
+  c.train.eval_by_source = True
   c.train.export_hf = False
   c.train.heatmap_examples = 0
   c.checkpoint.every = 1000

@@ -37,7 +37,7 @@ def test_runner_end_to_end_and_resume(tmp_path):
   synthetic.main(['--out', str(data), '--num-train', '8', '--num-heldout', '4', '--tasks', 'color,marked'])
   c = image_cfg.get_config('tiny_grpo')
   c.train.sft_steps, c.train.rl_steps, c.train.eval_every = 1, 1, 0
-  c.rl.record_attention, c.rl.ral_grad_share = True, True
+  c.rl.record_attention, c.rl.ral_grad_share, c.train.eval_by_source = True, True, True
   out = tmp_path / 'cmp'
   res = compare.run_comparison(c, 'sft,ral:1', 2, str(out), str(data / 'train.jsonl'),
                                str(data / 'heldout.jsonl'), command='test')

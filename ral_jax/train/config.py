@@ -154,6 +154,7 @@ class LoopConfig:
   ckpt_every: int = 10
   ckpt_keep: int = 2
   ckpt_async: bool = True
+  eval_by_source: bool = False   # also eval/accuracy/<data_source> per task (single-process runs only)
 
   def __post_init__(self):
     _check(self.sft_steps >= 0 and self.rl_steps >= 0, 'train.sft_steps and train.rl_steps must be >= 0')
@@ -382,7 +383,8 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
       sft_steps=t.sft_steps, rl_steps=t.rl_steps, sft_batch_size=config.sft.batch_size, log_every=t.log_every,
       eval_every=t.eval_every, eval_examples=t.eval_examples, eval_batch=t.eval_batch, export_hf=t.export_hf,
       heatmap_every=t.heatmap_every, heatmap_examples=t.heatmap_examples,
-      stop_after=t.stop_after, ckpt_every=ck.every, ckpt_keep=ck.keep, ckpt_async=ck.async_save)
+      stop_after=t.stop_after, ckpt_every=ck.every, ckpt_keep=ck.keep, ckpt_async=ck.async_save,
+      eval_by_source=bool(t.eval_by_source))
   common = dict(schedule=o.schedule, warmup_steps=o.warmup_steps, end_lr_ratio=o.end_lr_ratio,
                 weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip,
                 freeze=tuple(o.freeze))

@@ -152,9 +152,10 @@ def rl_step(ctx: Context, steps, state, ref_params, batch: Dict, rng):
 def evaluate(ctx: Context, params, eval_batches, rng) -> Dict[str, float]:
   """Greedy held-out accuracy and format rate over a fixed list of data batches; with evidence in the data also
   'eval/evidence_mass' and 'eval/evidence_chance' (eval/evidence.py), and 'eval/accuracy/<data_source>' per
-  record data_source (the synthetic tasks write their task name there) when any is set."""
+  record data_source (the synthetic tasks write their task name there) with train.eval_by_source (single process)."""
   acc, fmt, n = 0.0, 0.0, 0
   ev = {'sum': 0.0, 'chance_sum': 0.0, 'n': 0.0}
+  has_ev = False
   by_source = {}   # data_source -> [correct, count]
   t0 = time.perf_counter()
   for batch in eval_batches:
@@ -162,6 +163,7 @@ def evaluate(ctx: Context, params, eval_batches, rng) -> Dict[str, float]:
     vis = ctx.encode(params, ctx.model_cfg, dev)
     out = _rollout(ctx, params, dev, vis, rng, 1, greedy=True)
     _, _, per, _, _ = _texts_and_rewards(ctx, out, batch, 1)
+    has_ev = has_ev or 'evidence_mask' in batch
     for k, v in eval_evidence.heldout_evidence(ctx, params, dev, out, vis).items():
       ev[k] += v
     for src, a in zip(batch.get('data_source', ()), per['accuracy']):
@@ -173,8 +175,10 @@ def evaluate(ctx: Context, params, eval_batches, rng) -> Dict[str, float]:
   n = max(n, 1)
   res = {'eval/accuracy': acc / n, 'eval/format': fmt / n, 'eval/examples': float(n),
          'time/eval': time.perf_counter() - t0}
-  if len(by_source) > 1 or (by_source and '' not in by_source):
+  # Per-task keys depend on the rows a host saw, so they are single-process only (hosts must log the same keys).
+  if ctx.run.loop.eval_by_source and jax.process_count() == 1 and by_source:
     res.update({f'eval/accuracy/{s or "other"}': c / k for s, (c, k) in sorted(by_source.items())})
-  if ev['n']:
-    res.update({'eval/evidence_mass': ev['sum'] / ev['n'], 'eval/evidence_chance': ev['chance_sum'] / ev['n']})
+  if has_ev:   # the same keys on every host (the manifests decide); nan where no example had evidence
+    res.update({'eval/evidence_mass': ev['sum'] / ev['n'] if ev['n'] else float('nan'),
+                'eval/evidence_chance': ev['chance_sum'] / ev['n'] if ev['n'] else float('nan')})
   return res
