@@ -102,6 +102,77 @@ def init_sharded(init_fn: Callable[[], Any], mesh, rules):
     return jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
 
 
+def init_per_leaf(abstract, shardings, seed: int, stddev: float = 0.02):
+  """Random parameters of the same layout as a model init, generated leaf by leaf on their shardings.
+
+  abstract: unboxed jax.ShapeDtypeStruct tree (from `state_shardings`); each leaf is drawn by its own small jitted
+  program (cached by shape, dtype and sharding, so the 28-36 stacked decoder leaves and the repeated vision blocks
+  compile a handful of programs): 'scale' leaves (RMSNorm) ones, 'bias' leaves zeros, every other leaf (kernels,
+  embeddings) normal(0, stddev), as models/layers.py's initializers. Keys: fold_in(PRNGKey(seed), leaf index).
+  Not bit-identical to `init_sharded` (flax derives its keys from module paths): used for large models, where a
+  whole-model init program is slow to compile (design: 'Start' in README)."""
+  import functools
+  import jax.numpy as jnp
+
+  @functools.lru_cache(maxsize=None)
+  def program(shape, dtype, sh, kind):
+    if kind == 'ones':
+      return jax.jit(lambda k: jnp.ones(shape, dtype), out_shardings=sh)
+    if kind == 'zeros':
+      return jax.jit(lambda k: jnp.zeros(shape, dtype), out_shardings=sh)
+    return jax.jit(lambda k: (stddev * jax.random.normal(k, shape, jnp.float32)).astype(dtype), out_shardings=sh)
+
+  base = jax.random.PRNGKey(seed)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  sh_flat = jax.tree.leaves(shardings)
+  out = []
+  for i, ((path, leaf), sh) in enumerate(zip(flat, sh_flat)):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    kind = 'ones' if name == 'scale' else 'zeros' if name == 'bias' else 'normal'
+    out.append(program(tuple(leaf.shape), jnp.dtype(leaf.dtype), sh, kind)(jax.random.fold_in(base, i)))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class MeshJit:
+  """A jitted step that is traced, lowered and called under `mesh_context(mesh, rules)` (so the model's logical
+  activation constraints and the TPU attention kernel's shard_map see the mesh, in the trainer exactly as in the
+  AOT check), with explicit in_shardings: args whose sharding differs from the declared one are moved to it
+  before the call (a no-op for arrays already there), since jit refuses committed args that do not match.
+  in_shardings entries may be None (left to the argument); trailing entries beyond the call's args are dropped."""
+
+  def __init__(self, fn, mesh, rules, in_shardings, out_shardings=None, donate_argnums=()):
+    self.fn, self.mesh, self.rules = fn, mesh, rules
+    self.in_shardings, self.out_shardings, self.donate = tuple(in_shardings), out_shardings, donate_argnums
+    self._jits = {}
+
+  def jitted(self, nargs: int):
+    if nargs not in self._jits:
+      self._jits[nargs] = jax.jit(self.fn, in_shardings=self.in_shardings[:nargs], out_shardings=self.out_shardings,
+                                  donate_argnums=self.donate)
+    return self._jits[nargs]
+
+  def __call__(self, *args):
+    with mesh_context(self.mesh, self.rules):
+      return self.jitted(len(args))(*self._place_all(args))
+
+  def _place_all(self, args):
+    """Each arg (a pytree) moved leaf by leaf to its declared sharding (a Sharding, a matching tree, or None)."""
+    out = []
+    for a, s in zip(args, self.in_shardings[:len(args)]):
+      if s is None or a is None:
+        out.append(a)
+      elif isinstance(s, jax.sharding.Sharding):
+        out.append(jax.tree.map(lambda x: x if x.sharding == s else jax.device_put(x, s), a))
+      else:
+        out.append(jax.tree.map(lambda x, t: x if x is None or x.sharding == t else jax.device_put(x, t), a, s,
+                                is_leaf=lambda x: x is None))
+    return out
+
+  def lower(self, *args):
+    with mesh_context(self.mesh, self.rules):
+      return self.jitted(len(args)).lower(*args)
+
+
 def model_param_shardings(cfg, mesh, rules, vision_inputs=None):
   """(abstract params, shardings) of `models.vlm.init_params(cfg, ...)` at full size, at no cost."""
   from ral_jax.models.vlm import init_params

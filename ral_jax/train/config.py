@@ -80,6 +80,7 @@ class RLConfig:
   format: str = 'think'
   logprob_chunk: int = 0
   record_layers: Tuple[int, ...] = (-1,)
+  score_micro_batches: int = 0   # chunks of the scoring pass (0 = num_minibatches)
 
   def __post_init__(self):
     _check(self.group_size >= 2, f'rl.group_size (G) = {self.group_size}: group advantages need G >= 2')
@@ -91,6 +92,8 @@ class RLConfig:
            f'{self.num_minibatches}; change one of them')
     _check((n // self.num_minibatches) % self.micro_batches == 0,
            f'mini-batch {n // self.num_minibatches} not divisible by rl.micro_batches = {self.micro_batches}')
+    _check(self.score_micro_batches >= 0 and n % max(self.score_micro_batches, 1) == 0,
+           f'rollout batch {n} not divisible by rl.score_micro_batches = {self.score_micro_batches}')
     _check(self.lambda_attn >= 0, 'rl.lambda_attn must be >= 0')
     _check(self.beta >= 0, 'rl.beta must be >= 0')
     _check(self.kl_estimator in KL_ESTIMATORS, f'rl.kl_estimator={self.kl_estimator!r}; choose {KL_ESTIMATORS}')
@@ -244,7 +247,7 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
       dual_clip=r.dual_clip, aggregation=r.aggregation, attn_aggregation=r.attn_aggregation or r.aggregation,
       rows=r.rows, advantage=r.advantage, adv_eps=r.adv_eps, reward=r.reward, accuracy_weight=r.accuracy_weight,
       format_weight=r.format_weight, format=r.format, logprob_chunk=r.logprob_chunk,
-      record_layers=tuple(config.model.record_layers))
+      record_layers=tuple(config.model.record_layers), score_micro_batches=r.get('score_micro_batches', 0))
   t, o, ck = config.train, config.optim, config.checkpoint
   loop = LoopConfig(
       sft_steps=t.sft_steps, rl_steps=t.rl_steps, sft_batch_size=config.sft.batch_size, log_every=t.log_every,
@@ -277,7 +280,9 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
   if loop.rl_steps:
     for what, size in (('rollout batch (rl.prompts_per_batch * G)', rl.rollout_batch),
                        ('RL mini-batch (rollout batch / rl.num_minibatches)', rl.minibatch),
-                       ('RL micro-batch (mini-batch / rl.micro_batches)', rl.minibatch // rl.micro_batches)):
+                       ('RL micro-batch (mini-batch / rl.micro_batches)', rl.minibatch // rl.micro_batches),
+                       ('scoring chunk (rollout batch / rl.score_micro_batches)',
+                        rl.rollout_batch // (rl.score_micro_batches or rl.num_minibatches))):
       _check(size % n == 0, f'{what} = {size} is not divisible by the {n} batch shards of mesh {mesh.shape} '
                             f'(data x fsdp); change the batch sizes or --config.mesh.shape')
   if loop.sft_steps:
