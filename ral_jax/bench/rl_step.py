@@ -189,6 +189,7 @@ class IdsAsText:
 
 def run_jax(args, preset: str) -> dict:
   import zlib
+  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.94')   # the 3B state + reference + rollout cache
   import jax
   import numpy as np
   from ral_jax.data.tokenizer import SpecialIds
@@ -258,15 +259,19 @@ def run_jax(args, preset: str) -> dict:
     from ral_jax.train import checkpoint as ckpt_lib
     with tempfile.TemporaryDirectory(dir=args.ckpt_dir or None) as d:
       ck = ckpt_lib.Checkpointer(d, 1, 1, True)
+      what = {'all': (state, ref), 'state': (state, None), 'ref': (state.replace(params=ref, opt_state=()), None)}
+      st, rf = what[args.ckpt_items]
+      res['ckpt_items'] = args.ckpt_items
+      res['ckpt_bytes'] = sum(x.nbytes for x in jax.tree.leaves((st, rf)))
       t = time.perf_counter()
-      ck.save(1, state, {'outer_step': 1}, ref=ref)
+      ck.save(1, st, {'outer_step': 1}, ref=rf)
       res['ckpt_blocking_s'] = time.perf_counter() - t
       t = time.perf_counter()
       ck.wait()
       res['ckpt_finalize_s'] = time.perf_counter() - t
       ck.close()
-    print(f'[jax {preset}] checkpoint: blocking {res["ckpt_blocking_s"]:.1f} s, finalize '
-          f'{res["ckpt_finalize_s"]:.1f} s', flush=True)
+    print(f'[jax {preset}] checkpoint ({args.ckpt_items}, {res["ckpt_bytes"] / 1e9:.1f} GB): blocking '
+          f'{res["ckpt_blocking_s"]:.1f} s, finalize {res["ckpt_finalize_s"]:.1f} s', flush=True)
   return res
 
 
@@ -301,13 +306,14 @@ def run_torch(args, preset: str) -> dict:
   # The last decoder layer reads its attention weights: eager attention there only, weights caught by a hook.
   layers = model.model.language_model.layers
   last = layers[-1].self_attn
-  last.config = copy.copy(last.config)
-  last.config._attn_implementation = 'eager'
+  sdpa_cfg = last.config
+  eager_cfg = copy.copy(sdpa_cfg)
+  eager_cfg._attn_implementation = 'eager'
   caught = {}
   last.register_forward_hook(lambda mod, inp, out: caught.__setitem__('w', out[1]))
   ref = copy.deepcopy(model.model.language_model).eval().to(torch.bfloat16)   # frozen reference decoder
   ref.layers[-1].self_attn._forward_hooks.clear()
-  ref.layers[-1].self_attn.config = model.config.text_config                      # sdpa: it records nothing
+  ref.layers[-1].self_attn.config = sdpa_cfg                                      # it records nothing
   ref_head = copy.deepcopy(model.lm_head).to(torch.bfloat16)
   for q in list(ref.parameters()) + list(ref_head.parameters()):
     q.requires_grad_(False)
@@ -340,6 +346,7 @@ def run_torch(args, preset: str) -> dict:
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     model.eval()
+    last.config = sdpa_cfg        # sampling reads no attention (eager here: 40 GiB softmax at prefill, measured)
     with torch.no_grad(), amp:
       out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels,
                            video_grid_thw=grid, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
@@ -352,9 +359,10 @@ def run_torch(args, preset: str) -> dict:
     adv = ((rew - rew.mean(1, keepdim=True)) / (rew.std(1, keepdim=True) + 1e-6)).view(-1)
     sync()
     t1 = time.perf_counter()
-    # Scoring: old log-probs + old attention rows (policy), reference log-probs; in score_micro chunks.
+    last.config = eager_cfg       # scoring and update read the last layer's weights
+    # Scoring: old log-probs + old attention rows (policy), reference log-probs.
     mask = torch.ones_like(seqs)
-    n_chunks = args.score_micro or args.minibatches
+    n_chunks = args.minibatches * args.micro     # update-sized chunks: eager weights of larger ones do not fit
     old_lp, old_pol, ref_lp = [], [], []
     with torch.no_grad(), amp:
       # the vision tower once per prompt, its embeddings reused by scoring and update (as the jax trainer does)
@@ -439,7 +447,7 @@ def run_torch(args, preset: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 ARGS = ('prompts', 'G', 'frames', 'side', 'text', 'new', 'steps', 'torch_steps', 'minibatches', 'epochs', 'micro',
-        'score_micro', 'beta', 'dtype', 'remat', 'attention_impl', 'logprob_chunk', 'ckpt', 'ckpt_dir')
+        'score_micro', 'beta', 'dtype', 'remat', 'attention_impl', 'logprob_chunk', 'ckpt', 'ckpt_dir', 'ckpt_items')
 
 
 def main(argv=None):
@@ -465,6 +473,8 @@ def main(argv=None):
   ap.add_argument('--logprob_chunk', type=int, default=0)
   ap.add_argument('--ckpt', type=int, default=1, help='1: time an async save of the final state (jax)')
   ap.add_argument('--ckpt_dir', default='', help='where the timed checkpoint goes (default: a temp dir)')
+  ap.add_argument('--ckpt_items', default='all', help="what the timed save holds: 'all' (state + reference, as "
+                  "the trainer), 'state', or 'ref' (the reference alone: when the disk is small)")
   ap.add_argument('--timeout', type=int, default=420, help='seconds per run')
   ap.add_argument('--out', default=os.path.join(os.environ.get('OUT', '.'), 'bench_rl_step.json'))
   ap.add_argument('--_one', default='', help=argparse.SUPPRESS)

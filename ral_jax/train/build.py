@@ -139,17 +139,20 @@ def make_steps(run: RunConfig, cfg: ModelConfig, stage: str, state_shardings, te
   out = (state_shardings, None)
   if stage == 'sft':
     upd = sharding.MeshJit(functools.partial(ts.sft_update, sc, tx, shardings=state_shardings), mesh, rules,
-                           (state_shardings, rows, rows, rows), out, donate_argnums=0)
+                           (state_shardings, rows, rows, rows), out, donate_argnums=0, name='the SFT update',
+                           knob=('sft.micro_batches', sc.sft_micro_batches))
     return Steps(sc, tx, upd)
   upd = sharding.MeshJit(functools.partial(ts.rl_update, sc, tx, shardings=state_shardings), mesh, rules,
-                         (state_shardings, rows, rows, rows, None), out, donate_argnums=0)
+                         (state_shardings, rows, rows, rows, None), out, donate_argnums=0, name='the RL update',
+                         knob=('rl.micro_batches', sc.micro_batches))
   score = sharding.MeshJit(functools.partial(ts.score, sc, need_ref=run.rl.beta > 0), mesh, rules,
-                           (state_shardings.params, None, rows, rows), rows)
+                           (state_shardings.params, None, rows, rows), rows, name='the scoring pass',
+                           knob=('rl.score_micro_batches', sc.score_micro_batches))
   teacher = None
   if teacher_cfg is not None:
     teacher = sharding.MeshJit(functools.partial(ts.teacher_score, sc, teacher_cfg,
                                                  with_policy=sc.objective.distill.gamma_attn > 0),
-                               mesh, rules, (None, rows, rows), rows)
+                               mesh, rules, (None, rows, rows), rows, name='the teacher pass')
   return Steps(sc, tx, upd, score, teacher)
 
 
