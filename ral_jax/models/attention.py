@@ -117,7 +117,9 @@ def tpu_flash_attention(q, k, v, key_valid):
   XLA path); a padding query sees the padding keys at or before it, itself included, so it stays finite (its output
   is never read). K/V heads are repeated to N (the kernel has no GQA). Under a mesh (jax.set_mesh) the kernel runs
   per shard (shard_map: batch over the rules' activation_batch axes, heads over activation_heads), since XLA cannot
-  partition a custom kernel call."""
+  partition a custom kernel call. Mosaic refuses fp32 contract precision on bf16 operands, and dots take the
+  global `jax_default_matmul_precision` when the step is lowered: with bf16 compute, leave it at its default (the
+  test suite sets 'highest' and compiles the TPU check under `jax.default_matmul_precision('default')`)."""
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
   B, T, N, H = q.shape
   G = N // k.shape[2]
