@@ -85,6 +85,7 @@ def base_config() -> ConfigDict:
   c.rl.num_minibatches = 4     # optimizer steps per rollout batch per epoch (ral_jax/docs/method.md s.3 default 4)
   c.rl.epochs = 1              # passes over each rollout batch
   c.rl.micro_batches = 1       # gradient accumulation: micro-batches per mini-batch
+  c.rl.score_micro_batches = 0 # chunks of the scoring pass over the rollout batch (0 = rl.num_minibatches)
   c.rl.lr = 1e-5               # RL learning rate (peak)
   c.rl.lambda_attn = 1.0       # RAL weight (paper: 0.5, 1, 5)
   c.rl.beta = 0.04             # KL(pi_theta || pi_ref) weight
@@ -237,6 +238,12 @@ def apply_paper(c: ConfigDict) -> ConfigDict:
   c.rl.prompts_per_batch = 64
   c.rl.group_size = 8
   c.rl.num_minibatches = 4
+  # Micro-batches from the TPU compile (python -m ral_jax.aot --config=configs/video.py:paper --topology=v5p:2x2x2;
+  # README 'Memory at scale'): 2 sequences per device per RL micro-batch, 4 per SFT micro-batch, 16 per scoring
+  # chunk keep every stage under 68 GB per device over 8 devices (rl.micro_batches=4 peaks at 71 GB).
+  c.rl.micro_batches = 8
+  c.rl.score_micro_batches = 4
+  c.sft.micro_batches = 2
   c.rl.lr = 1e-5
   c.sft.lr = 5e-6
   c.sft.batch_size = 64

@@ -99,20 +99,23 @@ def _abstract(shape, dtype, sharding):
 
 
 def compile_steps(config, target: Target, stages: Sequence[str] = ('sft', 'score', 'rl', 'vision'),
-                  prompt_len: int = 0, response_len: int = 0, patches: int = 0) -> Dict[str, Dict[str, int]]:
-  """Lowers and compiles each stage for `target`; returns {stage: memory stats in bytes per device}."""
+                  prompt_len: int = 0, response_len: int = 0, patches: int = 0,
+                  compiled: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, int]]:
+  """Lowers and compiles each stage for `target`; returns {stage: memory stats in bytes per device}. `compiled`
+  (a dict), if given, receives {stage: the compiled executable}."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from ral_jax import sharding
   from ral_jax.train import build as train_init
+  from ral_jax.train import optim
   from ral_jax.train import run_setup
   from ral_jax.train import step as ts
   from ral_jax.models.vision_inputs import build_vision_inputs_batch
   from ral_jax.rl.objective import RLBatch
-  from ral_jax.train.state import TrainState
 
   # The run's own set-up (config validation, mesh, model config); only the checkpoint's config.json is read.
+  config = _checkable(config)
   ctx = run_setup.build_run(config, warn=False, devices=target.devices, tokenizer=False)
   run, cfg, mesh, rules = ctx.run, ctx.run.model, ctx.mesh, ctx.rules
   tp = prompt_len or max(config.data.prompt_buckets)
@@ -132,12 +135,11 @@ def compile_steps(config, target: Target, stages: Sequence[str] = ('sft', 'score
                           batch_arr((n, t), jnp.int32), batch_arr((n, nv, cfg.hidden_size), dt))
 
   def state_for(stage):
-    steps = train_init.make_steps(run, cfg, stage, None)
-    create = jax.jit(lambda q: TrainState.create(q, steps.tx, jax.random.PRNGKey(0)))
-    state_sh = create.lower(params).compile().output_shardings
-    abs_state = jax.eval_shape(create, params)
+    """The trainer's own layout: train/build.train_state_shardings (what create_state uses) and make_steps."""
+    tx = optim.make_optimizer(run.rl_optim if stage == 'rl' else run.sft_optim)
+    abs_state, state_sh = train_init.train_state_shardings(params, tx, run.seed)
     state = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), abs_state, state_sh)
-    return train_init.make_steps(run, cfg, stage, state_sh), state
+    return train_init.make_steps(run, cfg, stage, state_sh, rules=rules), state
 
   out: Dict[str, Dict[str, int]] = {}
   with sharding.mesh_context(mesh, rules):
@@ -177,7 +179,10 @@ def compile_steps(config, target: Target, stages: Sequence[str] = ('sft', 'score
       else:
         raise ValueError(f'unknown stage {stage!r}; choose from sft, score, rl, vision')
       try:
-        mem = lowered.compile().memory_analysis()
+        exe = lowered.compile()
+        if compiled is not None:
+          compiled[stage] = exe
+        mem = exe.memory_analysis()
       except jax.errors.JaxRuntimeError as e:   # the TPU compiler refuses programs that exceed HBM
         if 'RESOURCE_EXHAUSTED' not in str(e):
           raise
@@ -188,6 +193,59 @@ def compile_steps(config, target: Target, stages: Sequence[str] = ('sft', 'score
       s = out[stage]
       s['peak_estimate'] = s['argument'] + s['output'] - s['alias'] + s['temp']
   return out
+
+
+def _checkable(config):
+  """A copy of `config` that passes the run-config checks without data: a manifest run gets a placeholder
+  manifest name (the check reads no data)."""
+  import copy
+  config = copy.deepcopy(config)
+  if config.data.source == 'manifest' and not config.data.train_manifest:
+    with config.unlocked():
+      config.data.train_manifest = '<aot: no data read>'
+  return config
+
+
+# Micro-batch knobs by stage, for the fit search: (config path, what the knob divides).
+KNOBS = {'sft': ('sft', 'micro_batches'), 'score': ('rl', 'score_micro_batches'), 'rl': ('rl', 'micro_batches')}
+
+
+def _stage_ok(target: Target, s: Dict[str, int], headroom: float) -> bool:
+  return 'error' not in s and (not target.hbm_gib or s['peak_estimate'] <= headroom * target.hbm_gib * 2 ** 30)
+
+
+def fit_micro_batches(config, target: Target, stages: Sequence[str] = ('sft', 'score', 'rl'),
+                      headroom: float = 0.85, **shapes) -> Dict[str, Any]:
+  """For each stage, the fewest micro-batches (doubling from the config's value) whose compiled peak is within
+  `headroom` x HBM. Returns {stage: (knob name, value or None if even one sequence per device does not fit,
+  stats)}. Each try is one compile."""
+  from ral_jax.train import config as run_config
+  out: Dict[str, Any] = {}
+  config = _checkable(config)
+  for stage in stages:
+    group, name = KNOBS[stage]
+    run = run_config.build(config, len(target.devices), warn=False)
+    rows = {'sft': run.loop.sft_batch_size, 'score': run.rl.rollout_batch, 'rl': run.rl.minibatch}[stage]
+    shards = run.mesh.batch_shards
+    k = max(1, config[group][name] or (run.rl.num_minibatches if stage == 'score' else 1))
+    found, stats = None, None
+    while rows % k == 0 and (rows // k) % shards == 0:
+      trial = copy_with(config, group, name, k)
+      stats = compile_steps(trial, target, (stage,), **shapes)[stage]
+      if _stage_ok(target, stats, headroom):
+        found = k
+        break
+      k *= 2
+    out[stage] = (f'{group}.{name}', found, stats)
+  return out
+
+
+def copy_with(config, group: str, name: str, value):
+  import copy
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c[group][name] = value
+  return c
 
 
 def format_report(target: Target, stats: Dict[str, Dict[str, int]], shapes: str) -> str:
@@ -216,6 +274,9 @@ def _define_flags():
   flags.DEFINE_integer('prompt_len', 0, 'prompt length Tp (default: largest data.prompt_buckets)')
   flags.DEFINE_integer('response_len', 0, 'response length Tr (default: sampling.max_new_tokens)')
   flags.DEFINE_integer('patches', 0, 'vision patches P per example (default: largest data.patch_buckets)')
+  flags.DEFINE_bool('fit', False, 'search the micro-batch knobs (sft.micro_batches, rl.score_micro_batches, '
+                    'rl.micro_batches) for the fewest that fit within --headroom of HBM, and print them')
+  flags.DEFINE_float('headroom', 0.85, 'fraction of HBM a stage may use in the --fit search')
 
 
 def main(argv):
@@ -232,6 +293,15 @@ def main(argv):
             f'P={FLAGS.patches or max(config.data.patch_buckets)} '
             f'rollout batch={config.rl.prompts_per_batch * config.rl.group_size} sft batch={config.sft.batch_size}')
   print(format_report(target, stats, shapes))
+  if FLAGS.fit:
+    knobs = [st for st in FLAGS.stages if st in KNOBS]
+    found = fit_micro_batches(config, target, knobs, FLAGS.headroom, prompt_len=FLAGS.prompt_len,
+                              response_len=FLAGS.response_len, patches=FLAGS.patches)
+    for stage, (knob, value, st) in found.items():
+      if value is None:
+        print(f'{stage}: no value of --config.{knob} fits within {FLAGS.headroom:.0%} of HBM')
+      else:
+        print(f'{stage}: --config.{knob}={value} fits (peak {st["peak_estimate"] / 2 ** 30:.1f} GiB)')
   if not fits(target, stats):
     raise SystemExit(1)
 

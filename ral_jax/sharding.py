@@ -102,6 +102,130 @@ def init_sharded(init_fn: Callable[[], Any], mesh, rules):
     return jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
 
 
+_INIT_PROGRAMS: Dict[Any, Any] = {}   # init_per_leaf's compiled one-leaf programs, reused across calls
+
+
+def init_per_leaf(abstract, shardings, seed: int, stddev: float = 0.02):
+  """Random parameters of the same layout as a model init, each leaf drawn directly on its sharding.
+
+  abstract: unboxed jax.ShapeDtypeStruct tree (from `state_shardings`). Each leaf is one call of a small jitted
+  program with its sharding as out_shardings; programs are cached by (shape, dtype, sharding, kind), so the stacked
+  decoder leaves and the 32 identical vision blocks of a 7B model compile a few dozen one-op programs (seconds) and
+  no model code is traced. 'scale' leaves (RMSNorm) are ones, 'bias' leaves zeros, every other leaf (kernels,
+  embeddings) normal(0, stddev), as models/layers.py's initializers; leaf i's key is fold_in(PRNGKey(seed), i) in
+  the tree's leaf order. Not bit-identical to `init_sharded` (flax derives its keys from module paths): used for
+  large models (train/build.FAST_INIT_PARAMS)."""
+  import jax.numpy as jnp
+  programs = _INIT_PROGRAMS
+
+  def program(shape, dtype, sh, kind):
+    key = (shape, dtype, sh, kind, stddev)
+    if key not in programs:
+      if kind == 'normal':
+        fn = lambda k: (stddev * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+      else:
+        fn = lambda k: (jnp.ones if kind == 'ones' else jnp.zeros)(shape, dtype)
+      programs[key] = jax.jit(fn, out_shardings=sh)
+    return programs[key]
+
+  base = jax.random.PRNGKey(seed)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  out = []
+  for i, ((path, leaf), sh) in enumerate(zip(flat, jax.tree.leaves(shardings))):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    kind = 'ones' if name == 'scale' else 'zeros' if name == 'bias' else 'normal'
+    out.append(program(tuple(leaf.shape), jnp.dtype(leaf.dtype), sh, kind)(jax.random.fold_in(base, i)))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class MeshJit:
+  """A jitted step that is traced, lowered and called under `mesh_context(mesh, rules)` (so the model's logical
+  activation constraints and the TPU attention kernel's shard_map see the mesh, in the trainer exactly as in the
+  AOT check), with explicit in_shardings: args whose sharding differs from the declared one are moved to it
+  before the call (a no-op for arrays already there), since jit refuses committed args that do not match.
+  in_shardings entries may be None (left to the argument); trailing entries beyond the call's args are dropped.
+
+  Before its first run for a set of shapes the step is compiled and its compiled memory (arguments + outputs -
+  donated + temporaries) is compared with the device's memory: a step that cannot fit stops with a MemoryError that
+  names `knob` (the config knob that trades memory for steps, e.g. 'rl.micro_batches') and a value to try, instead
+  of failing later inside the allocator."""
+
+  def __init__(self, fn, mesh, rules, in_shardings, out_shardings=None, donate_argnums=(), name: str = 'step',
+               knob: Optional[Tuple[str, int]] = None):
+    self.fn, self.mesh, self.rules = fn, mesh, rules
+    self.in_shardings, self.out_shardings, self.donate = tuple(in_shardings), out_shardings, donate_argnums
+    self.name, self.knob = name, knob
+    self._jits, self._compiled = {}, {}
+
+  def jitted(self, nargs: int):
+    if nargs not in self._jits:
+      self._jits[nargs] = jax.jit(self.fn, in_shardings=self.in_shardings[:nargs], out_shardings=self.out_shardings,
+                                  donate_argnums=self.donate)
+    return self._jits[nargs]
+
+  def __call__(self, *args):
+    with mesh_context(self.mesh, self.rules):
+      args = self._place_all(args)
+      leaves, tree = jax.tree.flatten(args)
+      key = (tree, tuple((x.shape, x.dtype) for x in leaves))
+      exe = self._compiled.get(key)
+      if exe is None:
+        exe = self.jitted(len(args)).lower(*args).compile()
+        check_fits(exe, self.name, self.knob, self.mesh.devices.flat[0])
+        self._compiled[key] = exe
+      return exe(*args)
+
+  def _place_all(self, args):
+    """Each arg (a pytree) moved leaf by leaf to its declared sharding (a Sharding, a matching tree, or None)."""
+    out = []
+    for a, s in zip(args, self.in_shardings[:len(args)]):
+      if s is None or a is None:
+        out.append(a)
+      elif isinstance(s, jax.sharding.Sharding):
+        out.append(jax.tree.map(lambda x: x if x.sharding == s else jax.device_put(x, s), a))
+      else:
+        out.append(jax.tree.map(lambda x, t: x if x is None or x.sharding == t else jax.device_put(x, t), a, s,
+                                is_leaf=lambda x: x is None))
+    return tuple(out)
+
+  def lower(self, *args):
+    with mesh_context(self.mesh, self.rules):
+      return self.jitted(len(args)).lower(*args)
+
+
+def compiled_peak(exe) -> Optional[Dict[str, int]]:
+  """Bytes per device of a compiled program: argument, output, alias (donated), temp, and peak = argument +
+  output - alias + temp; None when the backend gives no memory analysis."""
+  mem = exe.memory_analysis()
+  if mem is None:
+    return None
+  out = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0) for k in ('argument', 'output', 'alias', 'temp')}
+  out['peak'] = out['argument'] + out['output'] - out['alias'] + out['temp']
+  return out
+
+
+def check_fits(exe, name: str, knob: Optional[Tuple[str, int]], device, fraction: float = 1.0):
+  """Raises MemoryError when the compiled program's peak exceeds `fraction` of the device's memory limit (GPU and
+  TPU report one; CPU does not: no check). The message names `knob` = (config knob, current value) and the value
+  the temporaries suggest (temporaries scale about linearly with the rows per micro-batch)."""
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  limit = (stats or {}).get('bytes_limit')
+  mem = compiled_peak(exe)
+  if not limit or mem is None or mem['peak'] <= fraction * limit:
+    return
+  gib = lambda b: b / 2 ** 30  # noqa: E731
+  msg = (f'{name} needs {gib(mem["peak"]):.1f} GiB per device (arguments {gib(mem["argument"]):.1f}, temporaries '
+         f'{gib(mem["temp"]):.1f}, outputs {gib(mem["output"] - mem["alias"]):.1f} not donated) but '
+         f'{device.device_kind} holds {gib(limit):.1f} GiB.')
+  if knob is not None:
+    k, value = knob
+    room = fraction * limit - (mem['peak'] - mem['temp'])
+    factor = 2 ** max(1, math.ceil(math.log2(max(mem['temp'] / max(room, 1.0), 1.0))))
+    msg += (f' Raise --config.{k} (now {value}; try {value * factor}), or find the value that fits with '
+            '`python -m ral_jax.aot --fit` (README: Memory at scale).')
+  raise MemoryError(msg)
+
+
 def model_param_shardings(cfg, mesh, rules, vision_inputs=None):
   """(abstract params, shardings) of `models.vlm.init_params(cfg, ...)` at full size, at no cost."""
   from ral_jax.models.vlm import init_params

@@ -28,9 +28,7 @@ def test_mean_ci_by_hand():
 
 
 def test_runner_end_to_end_and_resume(tmp_path):
-  import sys
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
-  import image as image_cfg
+  from configs import image as image_cfg
   from ral_jax.data import synthetic
   from ral_jax.experiments import compare
   data = tmp_path / 'data'

@@ -57,3 +57,47 @@ def test_report_verdicts_and_out_of_memory():
   assert not aot.fits(tpu, oom)
   fake = aot.Target([], 'FAKE CPU MESH', None, True)
   assert aot.fits(fake, {'rl': big})        # no HBM figure for a fake mesh: no verdict
+
+
+def _tiny(preset='tiny_ral'):
+  from configs import video
+  return video.get_config(preset)
+
+
+def test_aot_compiles_the_trainers_state_layout():
+  """The AOT check and the trainer build the RL state through the same constructor: a tiny preset on an
+  fsdp x tensor mesh of 8 fake devices: the state the trainer builds has the shardings the AOT compile takes, Adam moments sharded
+  like their parameters, and the donated state returned on the shardings it came in on."""
+  import jax
+  from ral_jax import sharding
+  from ral_jax.train import build, optim
+  from ral_jax.train import config as run_config
+  config = _tiny()
+  config.mesh.shape = (1, 4, 2)
+  target = aot.choose_target('', 8)
+  exes = {}
+  aot.compile_steps(config, target, stages=('rl',), prompt_len=48, response_len=8, patches=16, compiled=exes)
+  aot_in, aot_out = exes['rl'].input_shardings[0][0], exes['rl'].output_shardings[0]
+
+  # The trainer's way: real parameters on the mesh, create_state, make_steps, its update lowered on that state.
+  run = run_config.build(config, 8, warn=False)
+  mesh, rules = sharding.make_mesh(run.mesh.shape), sharding.logical_rules(run.mesh.rules)
+  cfg = run.model
+  params = build.init_model_params(cfg, mesh, rules, seed=0)
+  state = build.create_state(params, optim.make_optimizer(run.rl_optim), 0)
+  trainer_sh = build.state_shardings_of(state)
+  steps = build.make_steps(run, cfg, 'rl', trainer_sh)
+  assert isinstance(steps.update, sharding.MeshJit)
+
+  def same(a, b, x):
+    assert a.is_equivalent_to(b, x.ndim), (a, b, x.shape)
+  leaves = jax.tree.leaves(state)
+  for x, a, b, c in zip(leaves, jax.tree.leaves(trainer_sh), jax.tree.leaves(aot_in), jax.tree.leaves(aot_out)):
+    same(a, b, x)
+    same(a, c, x)
+  assert len(jax.tree.leaves(aot_in)) == len(leaves)
+  # Adam's moments follow the parameters: the embedding is split over fsdp, its moments too.
+  emb = state.params['model']['embed_tokens']['embedding']
+  assert 'fsdp' in str(emb.sharding.spec)
+  mus = [x for x in jax.tree.leaves(state.opt_state) if x.shape == emb.shape]
+  assert mus and all(m.sharding.is_equivalent_to(emb.sharding, 2) for m in mus)

@@ -9,8 +9,11 @@ Two cache layouts: the model's cached `__call__` (prefill, tests) keeps [B,Smax,
 (the rollout's one-token step) keeps [R,K,S,H] per layer, so that both einsums of a T = 1 query read the cache once.
 
 Two computations use the projected, rotated q and k:
-- the layer output (`Attention.__call__`), always through `jax.nn.dot_product_attention`
-  (implementation=cfg.attention_impl: XLA on CPU, cuDNN on GPU when asked), softmax scale 1/sqrt(H);
+- the layer output (`Attention.__call__`), through `jax.nn.dot_product_attention` (implementation=
+  cfg.attention_impl: XLA on CPU, cuDNN on GPU when asked), softmax scale 1/sqrt(H); on TPU the full-sequence
+  causal pass (training forward, scoring) goes through the Pallas flash-attention kernel instead
+  (`tpu_flash_attention`), because XLA's TPU attention materialises [B,N,T,S] logits (163 GiB per device for the
+  paper's scoring pass); cfg.attention_impl='xla' turns that off;
 - the record (`Attention.record`, see `attention_record`), which recomputes q and k from the layer input
   (text.py keeps the recorded layers' inputs), so the layer stack itself never changes shape.
 """
@@ -22,8 +25,12 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from ral_jax.models.layers import DenseGeneral
+
+# Logical axes of q/k/v [B,T,N,H] and of the key padding mask [B,T] for the kernel's shard_map.
+_QKV_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
 from ral_jax.models.rope import apply_rope
 
 _NEG = -1e30  # finite "minus infinity" for float32 logits (keeps fully masked rows NaN-free)
@@ -104,6 +111,74 @@ def attend_cache(q, k, v, valid):
   return out.reshape(R, 1, N, H)
 
 
+def _target_platform() -> str:
+  """Platform the current trace compiles for: that of the mesh set by `jax.set_mesh` (an AOT compile for TPU
+  topology devices on a CPU host says 'tpu'), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  dev = None if mesh.empty else mesh.abstract_device
+  return dev.platform if dev is not None else jax.default_backend()
+
+
+def flash_block(t: int) -> int:
+  """Largest kernel tile (512, 256 or 128) that divides the sequence length t; 0 if none does."""
+  return next((b for b in (512, 256, 128) if t % b == 0), 0)
+
+
+def use_tpu_flash(impl: Optional[str], t: int) -> bool:
+  """The full-sequence causal pass runs the Pallas TPU kernel when impl is None (auto), the trace compiles for
+  TPU and a kernel tile divides t (prompt and response buckets are multiples of 128 in the shipped presets)."""
+  return impl is None and _target_platform() == 'tpu' and flash_block(t) > 0
+
+
+def tpu_flash_attention(q, k, v, key_valid):
+  """Causal GQA attention through jax.experimental.pallas.ops.tpu.flash_attention (never materialises [T,S]).
+
+  q [B,T,N,H], k/v [B,T,K,H], key_valid [B,T] bool or None. Returns [B,T,N,H] in q's dtype. Key padding becomes
+  segment ids (valid 1, padding 0) on both sides: a valid query sees exactly the valid keys at or before it (as the
+  XLA path); a padding query sees the padding keys at or before it, itself included, so it stays finite (its output
+  is never read). K/V heads are repeated to N (the kernel has no GQA). Under a mesh (jax.set_mesh) the kernel runs
+  per shard (shard_map: batch over the rules' activation_batch axes, heads over activation_heads), since XLA cannot
+  partition a custom kernel call. Mosaic refuses fp32 contract precision on bf16 operands, and dots take the
+  global `jax_default_matmul_precision` when the step is lowered: with bf16 compute, leave it at its default (the
+  test suite sets 'highest' and compiles the TPU check under `jax.default_matmul_precision('default')`)."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa
+  B, T, N, H = q.shape
+  G = N // k.shape[2]
+  if G > 1:
+    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+  seg = (jnp.ones((B, T), jnp.int32) if key_valid is None else key_valid.astype(jnp.int32))
+  blk = flash_block(T)
+  sizes = fa.BlockSizes(block_q=blk, block_k_major=blk, block_k=blk, block_b=1, block_q_major_dkv=blk,
+                        block_k_major_dkv=blk, block_k_dkv=blk, block_q_dkv=blk, block_k_major_dq=blk,
+                        block_k_dq=blk, block_q_dq=blk)
+
+  def kernel(q, k, v, seg):
+    t = lambda x: jnp.swapaxes(x, 1, 2)                  # [B,T,N,H] <-> [B,N,T,H]
+    out = fa.flash_attention(t(q), t(k), t(v), segment_ids=fa.SegmentIds(seg, seg), causal=True,
+                             sm_scale=1.0 / math.sqrt(H), block_sizes=sizes)
+    return t(out).astype(q.dtype)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(q, k, v, seg)
+  spec = nn.logical_to_mesh_axes(_QKV_AXES)
+  spec = _fit(spec, q.shape, mesh)
+  spec = P(spec[0], None, spec[2], None)
+  seg_spec = P(spec[0], None)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec,
+                       check_vma=False)(q, k, v, seg)
+
+
+def _fit(spec, shape, mesh):
+  """Drops mesh axes from dims they do not divide (e.g. 4 heads on tensor=8)."""
+  def size(e):
+    if e is None:
+      return 1
+    return math.prod(mesh.shape[a] for a in (e if isinstance(e, tuple) else (e,)))
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  return P(*[e if e is not None and shape[i] % size(e) == 0 else None for i, e in enumerate(entries)])
+
+
 def write_cache(cache, new, index):
   """cache [B,Smax,...], new [B,T,...], index [B] int32 -> cache with new[b] written at slots index[b]..+T."""
   def one(c, n, i):
@@ -174,6 +249,8 @@ class Attention(nn.Module):
       new_cache = (k_all, v_all)
       out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
                                          mask=visibility_mask(key_valid, q_slot), implementation=cfg.attention_impl)
+    elif causal_fast and use_tpu_flash(cfg.attention_impl, q.shape[1]):
+      out = tpu_flash_attention(q, k, v, key_valid)
     elif causal_fast and (key_valid is None or cfg.attention_impl != 'cudnn'):
       # Slots are 0..T-1: the causal flag (+ a key padding mask [B,1,1,S]); mask=None is cuDNN's fastest path.
       mask = None if key_valid is None else key_valid[:, None, None, :]

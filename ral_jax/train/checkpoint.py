@@ -19,6 +19,7 @@ import base64
 import os
 import signal
 import threading
+import time
 from typing import Any, Optional
 
 import jax
@@ -27,6 +28,9 @@ from absl import logging
 
 from ral_jax import paths
 from ral_jax.train.state import all_finite
+
+
+_all_finite = jax.jit(all_finite)   # one program per tree (eagerly, one small program per leaf shape: seconds at 3B)
 
 
 def _encode(state):
@@ -132,7 +136,7 @@ class Checkpointer:
 
   def save(self, outer_step: int, state, meta: dict, ref=None, force: bool = False) -> bool:
     """Saves (asynchronously) unless parameters are non-finite; returns whether a save started."""
-    if not bool(all_finite(state.params)):
+    if not bool(_all_finite(state.params)):
       logging.error('step %d: non-finite parameters, checkpoint NOT saved', outer_step)
       return False
     if outer_step in self.manager.all_steps():
@@ -214,8 +218,27 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
 
-  def wait(self):
-    self.manager.wait_until_finished()
+  def wait(self, progress_every: float = 10.0):
+    """Blocks until the pending save is finalized, saying so every `progress_every` seconds (0 = silently)."""
+    if not progress_every:
+      self.manager.wait_until_finished()
+      return
+    done = threading.Event()
+    t0 = time.perf_counter()
+
+    def finish():
+      try:
+        self.manager.wait_until_finished()
+      finally:
+        done.set()
+    waiter = threading.Thread(target=finish, daemon=True)
+    waiter.start()
+    while not done.wait(progress_every):
+      msg = f'checkpoint: still finalizing the last save in {self.directory} ({time.perf_counter() - t0:.0f} s)'
+      logging.info(msg)
+      if jax.process_index() == 0:
+        print(msg, flush=True)
+    waiter.join()
 
   def close(self):
     self.manager.wait_until_finished()

@@ -84,6 +84,7 @@ class RLConfig:
   format: str = 'think'          # prompt and format reward: 'think' | 'answer_only' (RAL-zero)
   record_attention: bool = False  # record p_theta / p_old even when no loss needs them (attn/* metrics for GRPO)
   ral_grad_share: bool = False   # log ral/grad_share = |grad lambda L_RAL| / |grad L| (one extra backward)
+  score_micro_batches: int = 0   # chunks of the scoring pass over the rollout batch (0 = num_minibatches)
 
   def __post_init__(self):
     _check(self.group_size >= 2, f'rl.group_size (G) = {self.group_size}: group advantages need G >= 2')
@@ -95,6 +96,8 @@ class RLConfig:
            f'{self.num_minibatches}; change one of them')
     _check(self.micro_batches >= 1 and (n // self.num_minibatches) % self.micro_batches == 0,
            f'mini-batch {n // self.num_minibatches} not divisible by rl.micro_batches = {self.micro_batches}')
+    _check(self.score_micro_batches >= 0 and n % max(self.score_micro_batches, 1) == 0,
+           f'rollout batch {n} not divisible by rl.score_micro_batches = {self.score_micro_batches}')
     PromptConfig(style=self.format)   # the prompt styles are the format choices
 
   @property
@@ -365,7 +368,7 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
   rl = RLConfig(prompts_per_batch=r.prompts_per_batch, group_size=r.group_size, num_minibatches=r.num_minibatches,
                 epochs=r.epochs, micro_batches=r.micro_batches, reward=r.reward, accuracy_weight=r.accuracy_weight,
                 format_weight=r.format_weight, format=r.format, record_attention=bool(r.record_attention),
-                ral_grad_share=bool(r.ral_grad_share))
+                ral_grad_share=bool(r.ral_grad_share), score_micro_batches=r.score_micro_batches)
   sampling = _sampling(config.sampling, model)
   objective, advantage = _objective(config, algo, sampling.temperature)
   teacher = None
@@ -398,7 +401,9 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
   if loop.rl_steps:
     for what, size in (('rollout batch (rl.prompts_per_batch * G)', rl.rollout_batch),
                        ('RL mini-batch (rollout batch / rl.num_minibatches)', rl.minibatch),
-                       ('RL micro-batch (mini-batch / rl.micro_batches)', rl.minibatch // rl.micro_batches)):
+                       ('RL micro-batch (mini-batch / rl.micro_batches)', rl.minibatch // rl.micro_batches),
+                       ('scoring chunk (rollout batch / rl.score_micro_batches)',
+                        rl.rollout_batch // (rl.score_micro_batches or rl.num_minibatches))):
       _check(size % n == 0, f'{what} = {size} is not divisible by the {n} batch shards of mesh {mesh.shape} '
                             f'(data x fsdp); change the batch sizes or --config.mesh.shape')
   if loop.sft_steps:

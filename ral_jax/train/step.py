@@ -16,6 +16,10 @@ Conventions:
 - The vision tower never appears inside a differentiated function, so its gradient is zero and its optimizer
   transform (set_to_zero) keeps it frozen.
 - SFT loss: token-mean cross-entropy -sum log pi(y_t) / (valid target tokens of the whole batch), temperature 1.
+- Shardings inside the updates: `shardings` (the TrainState's NamedShardings, given by train/build.make_steps) pins
+  every gradient (grads are sharded like their parameters) and the state carried by the mini-batch and epoch scans
+  to the state's layout. Without it XLA may pick a replicated layout for a scan carry: at 7B over 8 devices that
+  was ~100 GiB of float32 temporaries (whole-model gradients and moments on every device).
 """
 from __future__ import annotations
 
@@ -121,11 +125,23 @@ def teacher_score(sc: StepConfig, teacher_cfg, teacher_params, x: ModelInputs, r
   return jax.lax.stop_gradient(h), (None if pol is None else jax.lax.stop_gradient(pol))
 
 
-def _accumulate(loss_fn: Callable, params, micro, n_micro: int):
+def constrain(tree, shardings):
+  """`tree` pinned to `shardings` (a matching tree of Shardings; None = leave to XLA)."""
+  if shardings is None:
+    return tree
+  return jax.tree.map(lambda x, s: x if x is None else jax.lax.with_sharding_constraint(x, s), tree, shardings)
+
+
+def _accumulate(loss_fn: Callable, params, micro, n_micro: int, grad_shardings=None):
   """Sum of the micro-batch losses and gradients (each micro-batch loss is already normalised by the whole
   mini-batch's denominator, so the sum is the mini-batch loss exactly); metrics: loss parts summed, others
-  averaged."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  averaged. Every gradient (and the scan's accumulator) is pinned to `grad_shardings` (the parameters')."""
+  vg = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grad_fn(p, mb):
+    (l, m), g = vg(p, mb)
+    return (l, m), constrain(g, grad_shardings)
+
   first = lambda m: jax.tree.map(lambda v: v[0], m)
   (loss, metrics), grads = grad_fn(params, first(micro))
   if n_micro == 1:
@@ -133,7 +149,8 @@ def _accumulate(loss_fn: Callable, params, micro, n_micro: int):
 
   def body(acc, mb):
     (l, m), g = grad_fn(params, mb)
-    return jax.tree.map(jnp.add, acc, (l, g, m)), None
+    l0, g0, m0 = acc
+    return (l0 + l, constrain(jax.tree.map(jnp.add, g0, g), grad_shardings), jax.tree.map(jnp.add, m0, m)), None
 
   rest = jax.tree.map(lambda v: v[1:], micro)
   (loss, grads, metrics), _ = jax.lax.scan(body, (loss, grads, metrics), rest)
@@ -158,13 +175,16 @@ def _guarded_apply(state: TrainState, tx, loss, grads, metrics):
 
 
 def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBatch, teacher_hidden=None,
-              teacher_kernel=None) -> Tuple[TrainState, Dict[str, jax.Array]]:
+              teacher_kernel=None, *, shardings=None) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """epochs x num_minibatches optimizer steps on one scored rollout batch; metrics averaged over the steps, plus
-  'first/...' and 'last/...' copies of the RAL JSD (0 at the first step by construction, ral_jax/docs/method.md s.3)."""
+  'first/...' and 'last/...' copies of the RAL JSD (0 at the first step by construction, ral_jax/docs/method.md
+  s.3). `shardings`: the state's shardings (module docstring), or None."""
   tr = batch.response_ids.shape[1]
   obj = sc.objective
+  grad_sh = None if shardings is None else shardings.params
 
   def minibatch_step(st, mb):
+    st = constrain(st, shardings)
     den = loss_denominators(obj, mb[1].response_mask)          # whole mini-batch: exact accumulation
 
     def loss_fn(params, micro_batch):
@@ -174,11 +194,12 @@ def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBa
                               None if th is None else teacher_kernel, denominators=den)
 
     micro = split_rows(mb, sc.micro_batches)
-    loss, grads, metrics = _accumulate(loss_fn, st.params, micro, sc.micro_batches)
+    loss, grads, metrics = _accumulate(loss_fn, st.params, micro, sc.micro_batches, grad_sh)
     if sc.ral_grad_share:
       metrics = dict(metrics, **{'ral/grad_share': _ral_grad_share(loss_fn, st.params, micro, grads,
                                                                     obj.ral.lambda_attn)})
-    return _guarded_apply(st, tx, loss, grads, dict(metrics, loss=loss))
+    st, metrics = _guarded_apply(st, tx, loss, grads, dict(metrics, loss=loss))
+    return constrain(st, shardings), metrics
 
   mbs = split_rows((x, batch, teacher_hidden), sc.num_minibatches)
 
@@ -195,8 +216,10 @@ def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBa
   return state, out
 
 
-def sft_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, response_ids, response_mask):
-  """One optimizer step of token-mean cross-entropy on the target responses (micro-batch accumulation)."""
+def sft_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, response_ids, response_mask, *,
+               shardings=None):
+  """One optimizer step of token-mean cross-entropy on the target responses (micro-batch accumulation);
+  `shardings` as in rl_update."""
   tr = response_ids.shape[1]
   n_tokens = jnp.maximum(jnp.sum(response_mask.astype(jnp.float32)), 1.0)
 
@@ -209,8 +232,10 @@ def sft_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, response_i
     return loss, {'token_p50': masked_mean((lp > jnp.log(0.5)).astype(jnp.float32), mask)}
 
   micro = split_rows((x, response_ids, response_mask), sc.sft_micro_batches)
-  loss, grads, metrics = _accumulate(loss_fn, state.params, micro, sc.sft_micro_batches)
+  loss, grads, metrics = _accumulate(loss_fn, state.params, micro, sc.sft_micro_batches,
+                                     None if shardings is None else shardings.params)
   state, metrics = _guarded_apply(state, tx, loss, grads, dict(metrics, loss=loss))
+  state = constrain(state, shardings)
   metrics['tokens'] = jnp.sum(response_mask).astype(jnp.float32)
   return state, metrics
 
