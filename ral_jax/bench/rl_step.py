@@ -3,7 +3,7 @@
   python -m ral_jax.bench.rl_step                                   # 3B headline: 16 prompts x G=8, one H200
   python -m ral_jax.bench.rl_step --runs=jax:qwen2_5_vl_7b --prompts=4 --steps=2   # 7B shapes, fewer rows
   python -m ral_jax.bench.rl_step --runs=jax:tiny,torch:tiny --prompts=2 --G=2 --frames=2 \
-      --side=56 --text=40 --new=8 --steps=2 --ckpt=0                # CPU smoke test
+      --side=56 --text=40 --new=8 --steps=2 --micro=1 --ckpt=0      # CPU smoke test
 
 Shapes (headline, the issue's 3B shape): `--prompts` prompts x G samples; each prompt one video of `--frames`
 frames at `--side` px (16 x 448 px: 8192 patches -> 2048 visual tokens after the 2x2 merge) inside `--text` text
@@ -469,7 +469,7 @@ def main(argv=None):
   ap.add_argument('--dtype', default='bfloat16')
   ap.add_argument('--remat', default='nothing_saveable')
   ap.add_argument('--attention_impl', default='cudnn')
-  ap.add_argument('--logprob_chunk', type=int, default=0)
+  ap.add_argument('--logprob_chunk', type=int, default=256)
   ap.add_argument('--ckpt', type=int, default=1, help='1: time an async save of the final state (jax)')
   ap.add_argument('--ckpt_dir', default='', help='where the timed checkpoint goes (default: a temp dir)')
   ap.add_argument('--ckpt_items', default='all', help="what the timed save holds: 'all' (state + reference, as "
