@@ -277,6 +277,16 @@ def run_jax(args, preset: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # torch: the same step with transformers
 
+def _merged_embeds(out, rows: int):
+  """The vision tower's merged embeddings [rows, D]: a tensor in transformers 4.x, a BaseModelOutputWithPooling
+  (the merger's output in one of its fields) in 5.x."""
+  import torch
+  if torch.is_tensor(out):
+    return out
+  fields = [getattr(out, k, None) for k in ('pooler_output', 'last_hidden_state')]
+  return next(t for t in fields if t is not None and t.shape[0] == rows)
+
+
 def run_torch(args, preset: str) -> dict:
   import copy
   import numpy as np
@@ -365,7 +375,8 @@ def run_torch(args, preset: str) -> dict:
     old_lp, old_pol, ref_lp = [], [], []
     with torch.no_grad(), amp:
       # the vision tower once per prompt, its embeddings reused by scoring and update (as the jax trainer does)
-      vis = model.model.visual(pixels, grid_thw=grid).view(args.prompts, nv, -1).to(torch.bfloat16)
+      vis = _merged_embeds(model.model.visual(pixels, grid_thw=grid), args.prompts * nv)
+      vis = vis.view(args.prompts, nv, -1).to(torch.bfloat16)
       vis = vis.repeat_interleave(G, 0)
       pos, _ = model.model.get_rope_index(input_ids=seqs, video_grid_thw=grid.repeat_interleave(G, 0),
                                           attention_mask=mask)
