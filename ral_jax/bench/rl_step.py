@@ -38,6 +38,7 @@ over the steady steps), the checkpoint times, and the torch/jax ratio of the ste
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -378,8 +379,11 @@ def run_torch(args, preset: str) -> dict:
       vis = _merged_embeds(model.model.visual(pixels, grid_thw=grid), args.prompts * nv)
       vis = vis.view(args.prompts, nv, -1).to(torch.bfloat16)
       vis = vis.repeat_interleave(G, 0)
+      rope_kw = {}
+      if 'mm_token_type_ids' in inspect.signature(model.model.get_rope_index).parameters:   # transformers 5.x
+        rope_kw['mm_token_type_ids'] = (seqs == cfg.video_token_id).long() * 2
       pos, _ = model.model.get_rope_index(input_ids=seqs, video_grid_thw=grid.repeat_interleave(G, 0),
-                                          attention_mask=mask)
+                                          attention_mask=mask, **rope_kw)
 
     def embed(c, table):
       e = table(seqs[c])
