@@ -171,7 +171,7 @@ class MeshJit:
       exe = self._compiled.get(key)
       if exe is None:
         exe = self.jitted(len(args)).lower(*args).compile()
-        check_fits(exe, self.name, self.knob, self.mesh.devices.flat[0])
+        check_fits(exe, self.name, self.knob, self.mesh.local_devices[0])   # this process's: addressable
         self._compiled[key] = exe
       return exe(*args)
 
@@ -208,7 +208,10 @@ def check_fits(exe, name: str, knob: Optional[Tuple[str, int]], device, fraction
   """Raises MemoryError when the compiled program's peak exceeds `fraction` of the device's memory limit (GPU and
   TPU report one; CPU does not: no check). The message names `knob` = (config knob, current value) and the value
   the temporaries suggest (temporaries scale about linearly with the rows per micro-batch)."""
-  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  try:
+    stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  except jax.errors.JaxRuntimeError:     # a device of another process, or a backend without memory stats
+    stats = None
   limit = (stats or {}).get('bytes_limit')
   mem = compiled_peak(exe)
   if not limit or mem is None or mem['peak'] <= fraction * limit:

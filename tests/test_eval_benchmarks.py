@@ -1,7 +1,5 @@
 """The paper's benchmarks on fixtures in their released on-disk schemas (lmms-lab parquet with embedded images,
 the original JSON / JSONL releases), the layouts a user downloads, and evaluation's preparation step."""
-import io
-import json
 import os
 
 import numpy as np
@@ -11,33 +9,10 @@ from PIL import Image
 from ral_jax.eval import clips, run
 from ral_jax.eval.adapters import answer_letter_of, load_benchmark
 
-
-def _png(color=(255, 0, 0)) -> bytes:
-  buf = io.BytesIO()
-  Image.new('RGB', (8, 8), color).save(buf, format='PNG')
-  return buf.getvalue()
+import _eval_fixtures as fx
 
 
-def _cell(color=(255, 0, 0), name='x.png'):
-  return {'bytes': _png(color), 'path': name}
-
-
-def _parquet(path, rows):
-  pa = pytest.importorskip('pyarrow')
-  import pyarrow.parquet as pq
-  os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-  pq.write_table(pa.Table.from_pylist(rows), str(path))
-  return str(path)
-
-
-def _write(path, obj, jsonl=False):
-  os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    if jsonl:
-      f.writelines(json.dumps(r) + '\n' for r in obj)
-    else:
-      json.dump(obj, f)
-  return str(path)
+_png, _cell, _parquet, _write = fx.png, fx.cell, fx.parquet, fx.write
 
 
 def _files(root):

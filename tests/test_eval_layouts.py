@@ -1,43 +1,17 @@
 """Adapters on whole dataset folders as each benchmark releases them (several splits, several formats of one
 table, per-item side files), and the places the releases put their media. Each fixture names the file its
 layout was checked against."""
-import io
-import json
 import os
 
 import pytest
-from PIL import Image
 
 from ral_jax.eval import aggregate, scoring
 from ral_jax.eval.adapters import answer_letter_of, load_benchmark
 
-
-def _png(color=(255, 0, 0)) -> bytes:
-  buf = io.BytesIO()
-  Image.new('RGB', (8, 8), color).save(buf, format='PNG')
-  return buf.getvalue()
+import _eval_fixtures as fx
 
 
-def _cell(color=(255, 0, 0)):
-  return {'bytes': _png(color), 'path': 'x.png'}
-
-
-def _parquet(path, rows):
-  pa = pytest.importorskip('pyarrow')
-  import pyarrow.parquet as pq
-  os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-  pq.write_table(pa.Table.from_pylist(rows), str(path))
-  return str(path)
-
-
-def _write(path, obj, jsonl=False):
-  os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    if jsonl:
-      f.writelines(json.dumps(r) + '\n' for r in obj)
-    else:
-      json.dump(obj, f)
-  return str(path)
+_png, _cell, _parquet, _write = fx.png, fx.cell, fx.parquet, fx.write
 
 
 def _touch(path, data=b''):
