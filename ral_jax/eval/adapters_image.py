@@ -13,7 +13,8 @@ from typing import Iterator, Tuple
 
 from ral_jax.eval.adapters_base import (BadRecord, Context, annotation_files, as_list, embedded_image, iter_nonempty,
                                         letter, make_record, register, row_reader)
-from ral_jax.eval.adapters_open import one_format_per_table, rel_parts, rows_of, split_files, split_options_any
+from ral_jax.eval.adapters_open import (one_format_per_table, rel_parts, rows_of, split_options_any,
+                                       split_reader)
 
 
 def _vstar_reader(path: str) -> Iterator[Tuple[dict, Context]]:
@@ -82,16 +83,9 @@ def muirbench(row: dict, ctx: Context) -> dict:
 _SPLIT_FILE = re.compile(r'^(val|test|validation|train)(-\d+-of-\d+)?$')
 
 
-def _blink_reader(path: str) -> Iterator[Tuple[dict, Context]]:
-  """A file as given; in a folder (BLINK-Benchmark/BLINK: <Sub_Task>/val-*.parquet and test-*.parquet), the val
-  split only: the test split's answers are hidden."""
-  files = annotation_files(path)
-  if os.path.isdir(path):
-    files = split_files(files, path, ('val',), ('test', 'train'))
-  yield from rows_of(files)
-
-
-@register('blink', _blink_reader)
+# A folder (BLINK-Benchmark/BLINK: <Sub_Task>/val-*.parquet and test-*.parquet) holds the val split only: the
+# test split's answers are hidden.
+@register('blink', split_reader(('val',), ('test', 'train')))
 def blink(row: dict, ctx: Context) -> dict:
   """BLINK (BLINK-Benchmark/BLINK, one config folder per sub-task holding val-*.parquet / test-*.parquet; the
   val split has answers; lmms-eval tasks/blink/utils.py reads these columns):

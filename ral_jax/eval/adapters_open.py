@@ -78,6 +78,16 @@ def split_files(files: Sequence[str], root: str, wanted: Sequence[str], skipped:
   return kept
 
 
+def split_reader(wanted: Sequence[str], skipped: Sequence[str]):
+  """A reader of `path`: a file as given; in a folder, the files of the evaluated split (split_files)."""
+  def reader(path: str) -> Iterator[Tuple[dict, Context]]:
+    files = annotation_files(path)
+    if os.path.isdir(path):
+      files = split_files(files, path, wanted, skipped)
+    yield from rows_of(files)
+  return reader
+
+
 def rows_of(files: Iterable[str], start: int = 0, **extra) -> Iterator[Tuple[dict, Context]]:
   """(row, Context) for every row of `files`, ctx.extra = {'stem': file stem, **extra}."""
   i = start
@@ -243,16 +253,9 @@ VIZWIZ_SUFFIX = ("\nWhen the provided information is insufficient, respond with 
                  '\nAnswer the question using a single word or phrase.')
 
 
-def _vizwiz_reader(path: str) -> Iterator[Tuple[dict, Context]]:
-  """A file as given; in a folder, the val split only (lmms-lab's data/val-*.parquet, the release's
-  Annotations/val.json): the test split has no answers and train is not evaluated."""
-  files = annotation_files(path)
-  if os.path.isdir(path):
-    files = split_files(files, path, ('val',), ('train', 'test'))
-  yield from rows_of(files)
-
-
-@register('vizwiz', _vizwiz_reader)
+# A folder holds the val split only (lmms-lab's data/val-*.parquet, the release's Annotations/val.json): the test
+# split has no answers and train is not evaluated.
+@register('vizwiz', split_reader(('val',), ('train', 'test')))
 def vizwiz(row: dict, ctx: Context) -> dict:
   """VizWiz-VQA val, in either released form:
 

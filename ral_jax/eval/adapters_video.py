@@ -15,7 +15,7 @@ from typing import Iterator, Tuple
 from ral_jax.eval.adapters_base import (LETTERS, BadRecord, Context, annotation_files, as_list, iter_nonempty, letter,
                                         make_record, media_path, read_rows, register, row_reader, split_options,
                                         strip_letter)
-from ral_jax.eval.adapters_open import open_record, rows_of, split_files
+from ral_jax.eval.adapters_open import open_record, rows_of, split_files, split_reader
 from ral_jax.rl.answers import canonical_type
 
 
@@ -48,17 +48,11 @@ def videomme(row: dict, ctx: Context) -> dict:
                             'domain': row.get('domain')})
 
 
-def _longvideobench_reader(path: str) -> Iterator[Tuple[dict, Context]]:
-  """A file as given; in a folder (longvideobench/LongVideoBench: lvb_val.json, lvb_test_wo_gt.json,
-  validation-00000-of-00001.parquet, test-00000-of-00001.parquet: the validation questions twice and a test
-  split without answers), the validation split once: lvb_val.json, else the validation parquet."""
-  files = annotation_files(path)
-  if os.path.isdir(path):
-    files = split_files(files, path, ('lvb_val', 'validation', 'val'), ('lvb_test', 'test', 'subtitles'))
-  yield from rows_of(files)
-
-
-@register('longvideobench', _longvideobench_reader)
+# A folder (longvideobench/LongVideoBench: lvb_val.json, lvb_test_wo_gt.json, validation-00000-of-00001.parquet,
+# test-00000-of-00001.parquet: the validation questions twice and a test split without answers) is read for the
+# validation split once: lvb_val.json, else the validation parquet.
+@register('longvideobench', split_reader(('lvb_val', 'validation', 'val'),
+                                                 ('lvb_test', 'test', 'subtitles')))
 def longvideobench(row: dict, ctx: Context) -> dict:
   """LongVideoBench validation (longvideobench/LongVideoBench), in either released form:
 

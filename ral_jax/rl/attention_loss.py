@@ -43,19 +43,26 @@ def record_rows(batch: int, prompt_len: int, response_len: int, rows: str = 'res
   return jnp.broadcast_to(start + jnp.arange(response_len, dtype=jnp.int32), (batch, response_len))
 
 
+def _masked_pair(p, q, key_mask):
+  """p, q in float32 with masked keys set to 0. key_mask: [B,S] for [B,R,S] inputs (broadcast over rows), else any
+  shape broadcastable to p."""
+  chex.assert_equal_shape([p, q])
+  p, q = jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32)
+  if key_mask is None:
+    return p, q
+  km = as_mask(key_mask)
+  if p.ndim == 3 and km.shape == (p.shape[0], p.shape[2]):
+    km = km[:, None, :]
+  km = jnp.broadcast_to(km, p.shape)
+  return jnp.where(km, p, 0.0), jnp.where(km, q, 0.0)
+
+
 def jsd(p, q, key_mask=None) -> jnp.ndarray:
   """Jensen-Shannon divergence over the last (key) axis, float32. p, q [..., S] -> [...].
 
   key_mask: [B,S] for [B,R,S] inputs (broadcast over rows), else any shape broadcastable to p; masked keys count 0.
   """
-  chex.assert_equal_shape([p, q])
-  p, q = jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32)
-  if key_mask is not None:
-    km = as_mask(key_mask)
-    if p.ndim == 3 and km.shape == (p.shape[0], p.shape[2]):
-      km = km[:, None, :]
-    km = jnp.broadcast_to(km, p.shape)
-    p, q = jnp.where(km, p, 0.0), jnp.where(km, q, 0.0)
+  p, q = _masked_pair(p, q, key_mask)
   return _jsd(p, q)
 
 
@@ -114,14 +121,7 @@ def kl(p, q, key_mask=None) -> jnp.ndarray:
   """KL(P || Q) over the last axis in float32, as sum_i Q_i g(P_i / Q_i) with g(r) = r log r - r + 1 >= 0 (the
   same value for normalised rows, but every term >= 0); keys with Q_i = 0 count 0 (attention rows from a softmax
   are positive on every real key). Autodiff gradient: d/dP_i = log(P_i / Q_i). For the 'kl' divergence variant."""
-  chex.assert_equal_shape([p, q])
-  p, q = jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32)
-  if key_mask is not None:
-    km = as_mask(key_mask)
-    if p.ndim == 3 and km.shape == (p.shape[0], p.shape[2]):
-      km = km[:, None, :]
-    km = jnp.broadcast_to(km, p.shape)
-    p, q = jnp.where(km, p, 0.0), jnp.where(km, q, 0.0)
+  p, q = _masked_pair(p, q, key_mask)
   ok = q > 0
   qs = jnp.where(ok, q, 1.0)
   x = jnp.where(ok, (p - q) / qs, 0.0)                       # P/Q - 1
