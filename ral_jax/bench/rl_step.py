@@ -38,6 +38,7 @@ over the steady steps), the checkpoint times, and the torch/jax ratio of the ste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -196,6 +197,7 @@ def run_jax(args, preset: str) -> dict:
   from ral_jax import sharding
   from ral_jax.train import build, stages
   from ral_jax.train import config as rc
+  from ral_jax.bench import profile_summary
 
   @rewards.register_reward('bench_coin')
   def coin(response, record):   # deterministic coin flip of the response text
@@ -234,10 +236,15 @@ def run_jax(args, preset: str) -> dict:
   for i in range(args.steps):
     if i == 1:
       util.start()
-    t = time.perf_counter()
-    state, m, _ = stages.rl_step(ctx, steps, state, ref, batch, jax.random.PRNGKey(i))
-    jax.block_until_ready(state)
-    dt = time.perf_counter() - t
+    prof = (profile_summary.capture(os.path.join(args.profile, preset))
+            if args.profile and i == args.steps - 1 and i > 0 else contextlib.nullcontext({}))
+    with prof as got:
+      t = time.perf_counter()
+      state, m, _ = stages.rl_step(ctx, steps, state, ref, batch, jax.random.PRNGKey(i))
+      jax.block_until_ready(state)
+      dt = time.perf_counter() - t
+    if 'summary' in got or args.profile and i == args.steps - 1:
+      res['profile'] = got.get('summary')
     if i == 0:
       res['time_to_first_step_s'] = time.perf_counter() - T_PROCESS
     per_step.append({'step': dt, 'rollout': m['time/rollout'], 'scoring': m['time/scoring'],
@@ -461,7 +468,7 @@ def run_torch(args, preset: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 ARGS = ('prompts', 'G', 'frames', 'side', 'text', 'new', 'steps', 'torch_steps', 'minibatches', 'epochs', 'micro',
-        'score_micro', 'beta', 'dtype', 'remat', 'attention_impl', 'logprob_chunk', 'ckpt', 'ckpt_dir', 'ckpt_items')
+        'score_micro', 'beta', 'dtype', 'remat', 'attention_impl', 'logprob_chunk', 'ckpt', 'ckpt_dir', 'ckpt_items', 'profile')
 
 
 def main(argv=None):
@@ -489,6 +496,8 @@ def main(argv=None):
   ap.add_argument('--ckpt_dir', default='', help='where the timed checkpoint goes (default: a temp dir)')
   ap.add_argument('--ckpt_items', default='all', help="what the timed save holds: 'all' (state + reference, as "
                   "the trainer), 'state', or 'ref' (the reference alone: when the disk is small)")
+  ap.add_argument('--profile', default='', help='a folder: profile the last jax step there and report where its '
+                  'device time goes (bench/profile_summary.py); the profiled step is timed too (slightly slower)')
   ap.add_argument('--timeout', type=int, default=420, help='seconds per run')
   ap.add_argument('--out', default=os.path.join(os.environ.get('OUT', '.'), 'bench_rl_step.json'))
   ap.add_argument('--_one', default='', help=argparse.SUPPRESS)
