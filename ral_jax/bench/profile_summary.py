@@ -6,12 +6,14 @@
   summary = got['summary']       # or: summarize(ProfileData.from_file('.../*.xplane.pb'))
 
 A device plane ('/device:GPU:0', '/device:TPU:0') holds one line per stream with one event per kernel; its stats name
-the XLA program (`hlo_module`) and the HLO op (`hlo_op`) that launched it. The summary adds kernel durations (overlap
+the XLA program (`hlo_module`) that launched it. The summary adds kernel durations (overlap
 between streams is not removed, so `busy_s` can exceed the wall time when streams run concurrently):
   busy_s                        all kernels of the first device plane
   by_module {name: s}           per jitted program (e.g. jit_rl_update, jit_score)
   by_kind {kind: s}             matmul / attention / collective / copy / fusion / other, from the kernel name
-  top [{op, module, kernel, s, count}]   the `top` ops with the most kernel time
+  by_module_kind {'module/kind': s}
+  top [{module, kernel, s, count}]   the `top` kernels (by name, per program) with the most time
+(Kernels are grouped by their own name, not by HLO op: under CUDA graphs one op, a command buffer, launches many.)
 With no device plane (a CPU run) the summary says so and is otherwise empty.
 """
 from __future__ import annotations
@@ -50,28 +52,27 @@ def summarize(data, top: int = 25) -> Dict:
     return {'device_plane': None, 'note': 'no device plane in the trace (a CPU run has none)'}
   plane = sorted(planes, key=lambda p: p.name)[0]
   busy = 0.0
-  by_module, by_kind = collections.Counter(), collections.Counter()
-  by_op, count, names = collections.Counter(), collections.Counter(), {}
+  by_module, by_kind, by_module_kind = collections.Counter(), collections.Counter(), collections.Counter()
+  by_kernel, count = collections.Counter(), collections.Counter()
   for line in plane.lines:
     lname = line.name.lower()
     if 'xla modules' in lname or 'xla ops' in lname or 'steps' in lname or 'tensorflow' in lname:
       continue   # derived lines (programs / ops spanning kernels): counting them would double the time
     for ev in line.events:
       s = ev.duration_ns * 1e-9
-      st = _stats(ev)
-      module = st.get('hlo_module', '?')
-      op = st.get('hlo_op', ev.name)
+      module = _stats(ev).get('hlo_module', '?')
+      kind = kind_of(ev.name)
       busy += s
       by_module[module] += s
-      by_kind[kind_of(ev.name)] += s
-      by_op[(module, op)] += s
-      count[(module, op)] += 1
-      names.setdefault((module, op), ev.name)
-  rnd = lambda d: {k: round(v, 4) for k, v in d.most_common()}
+      by_kind[kind] += s
+      by_module_kind[f'{module}/{kind}'] += s
+      by_kernel[(module, ev.name)] += s
+      count[(module, ev.name)] += 1
+  rnd = lambda d: {k: round(v, 4) for k, v in d.most_common() if v >= 1e-3}
   return {'device_plane': plane.name, 'lines': [l.name for l in plane.lines], 'busy_s': round(busy, 4),
-          'by_module': rnd(by_module), 'by_kind': rnd(by_kind),
-          'top': [{'module': m, 'op': o, 'kernel': names[(m, o)][:120], 's': round(v, 4), 'count': count[(m, o)]}
-                  for (m, o), v in by_op.most_common(top)]}
+          'by_module': rnd(by_module), 'by_kind': rnd(by_kind), 'by_module_kind': rnd(by_module_kind),
+          'top': [{'module': m, 'kernel': k[:120], 's': round(v, 4), 'count': count[(m, k)]}
+                  for (m, k), v in by_kernel.most_common(top)]}
 
 
 @contextlib.contextmanager
