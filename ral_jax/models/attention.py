@@ -101,7 +101,8 @@ def attend_cache(q, k, v, valid):
 
   softmax_s(q . k_s / sqrt(H)) over valid slots, as `jax.nn.dot_product_attention`'s XLA path computes it (float32
   logits and softmax, probabilities cast to v's dtype). The (rows, kv heads) batch dims lead, so both einsums are
-  plain batched matmuls that read the cache once, with no transposed copy."""
+  plain batched matmuls that read the cache once, with no transposed copy. The rollout decodes with
+  `attend_shared_prefix` (prompt cache shared by a prompt's samples); this per-row form is its reference in tests."""
   R, _, N, H = q.shape
   K = k.shape[1]
   qg = q.reshape(R, K, N // K, H)
