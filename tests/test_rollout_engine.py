@@ -247,3 +247,21 @@ def test_decode_equals_model_cached_call():
   c = rollout.generate(params, CFG, prompts, vis, jax.random.PRNGKey(3), sc1, num_samples=2)
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
   np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(c.logprobs), atol=1e-5)
+
+
+def test_prefill_keeps_one_prompt_cache_per_prompt():
+  """The prefill writes B prompt caches [B,K,Tp,H] (not G copies, no response slots), the same whether it runs in
+  one pass or in chunks of one prompt; the per-row response cache is not part of the prefilled state."""
+  params, prompts, vis = _batch('image')
+  B, Tp = prompts['prompt_ids'].shape
+  G, K, H = 3, CFG.num_key_value_heads, CFG.head_dim
+  states = [rollout.prefill(params, CFG, prompts, vis, jax.random.PRNGKey(0),
+                            SamplingConfig(dtype='float32', max_new_tokens=5, prefill_batch=pb), num_samples=G)
+            for pb in (0, 1)]
+  for s in states:
+    assert s.cache is None and s.tokens.shape == (B * G, 5)
+    assert len(s.prompt_cache['k']) == len(s.prompt_cache['v']) == CFG.num_hidden_layers
+    assert all(x.shape == (B, K, Tp, H) for x in s.prompt_cache['k'] + s.prompt_cache['v'])
+    np.testing.assert_array_equal(np.asarray(s.prompt_cache['valid']), prompts['prompt_mask'].astype(bool))
+  for a, b in zip(jax.tree.leaves(states[0].prompt_cache), jax.tree.leaves(states[1].prompt_cache)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)

@@ -9,15 +9,19 @@ memory is per run). Random weights in bfloat16, sampling at temperature 1 with n
 (every row produces --new tokens).
 - jax: prompts of `--text` text tokens around one image block of `--visual` pad tokens (M-RoPE positions from
   models.positions), random visual embeddings standing in for the vision tower (it runs once per rollout, outside
-  the sampler); one prefill per prompt, the cache repeated G times, decode in one while_loop. Prefill and decode
-  are timed separately after a warm-up call of the same shapes (compilation excluded).
+  the sampler); one prefill per prompt, its KV cache shared by the prompt's G samples (one copy per prompt plus a
+  response cache per row), decode in one while_loop. Prefill and decode are timed separately after a warm-up call
+  of the same shapes (compilation excluded).
 - hf: transformers' Qwen2_5_VLForConditionalGeneration, sdpa attention, bf16, `generate(do_sample=True,
   num_return_sequences=G, min_new_tokens=max_new_tokens=--new)` on text prompts of the same length (visual +
   text tokens; the LLM work is the same, the vision tower is skipped as on the jax side). Its prefill is timed as one
   forward pass of the G-fold expanded batch (what generate does), its decode as total - prefill.
 Memory-bandwidth bound of decoding: every decode step reads the decoder weights (all layers, final norm, lm_head;
-not the embedding table of an untied model) and the live KV cache (prompt + tokens so far) once:
+not the embedding table of an untied model) and the live KV cache once: each prompt's cache once (shared by its G
+samples) plus each row's tokens so far:
+  KV_j = (prompts * Tp + rows * j) * kv bytes per token,
   t_bound = sum_{j=1}^{Tr-1} (W + KV_j) / HBM_bandwidth,  tokens/s bound = rows * Tr / t_bound.
+(Before the shared prompt cache, KV_j counted rows * (Tp + j): figures measured then are against that bound.)
 """
 from __future__ import annotations
 
@@ -47,12 +51,17 @@ def _shapes(cfg, args):
   return (gh, gw), nv, nv + args.text + 2
 
 
-def _bound(cfg, rows, prompt_len, new, weight_bytes, dtype_bytes=2):
-  kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+def _kv_per_token(cfg, dtype_bytes=2):
+  return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+
+
+def _bound(cfg, prompts, rows, prompt_len, new, weight_bytes):
+  """(bytes read by the decode steps, bytes of the final KV cache): prompt caches once per prompt, responses per row."""
+  kv = _kv_per_token(cfg)
   total = 0.0
   for j in range(1, new):
-    total += weight_bytes + rows * (prompt_len + j) * kv_per_token
-  return total, rows * (prompt_len + new) * kv_per_token
+    total += weight_bytes + (prompts * prompt_len + rows * j) * kv
+  return total, (prompts * prompt_len + rows * new) * kv
 
 
 def _decoder_weight_bytes(cfg, dtype_bytes=2):
@@ -75,12 +84,12 @@ def run_jax(args, preset: str, prompts):
   cfg = get_preset(preset, dtype='bfloat16', param_dtype='bfloat16')
   (gh, gw), nv, tp = _shapes(cfg, args)
   G, new = args.G, args.new
-  kv_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * (tp + new)
+  kv_prompt = _kv_per_token(cfg) * (tp + G * new)   # one prompt's cache + its G rows' response caches
   if prompts == 'fill':   # as many prompts (multiple of the prefill batch) as the card holds
     limit = (jax.devices()[0].memory_stats() or {}).get('bytes_limit', 2 ** 30)   # CPU: 1 GiB
     wb = _decoder_weight_bytes(cfg) + cfg.vocab_size * cfg.hidden_size * 2
     free = 0.92 * limit - 2 * wb - args.prefill_batch * 1.2 * 2 ** 30 - 3 * 2 ** 30
-    prompts = max(1, int(free // (G * kv_row)) // args.prefill_batch) * args.prefill_batch
+    prompts = max(1, int(free // kv_prompt) // args.prefill_batch) * args.prefill_batch
   prompts = int(prompts)
   rng = np.random.default_rng(0)
   m = cfg.vision.spatial_merge_size
@@ -126,14 +135,14 @@ def run_jax(args, preset: str, prompts):
   dev = jax.devices()[0]
   stats = dev.memory_stats() or {}
   wbytes = _decoder_weight_bytes(cfg)
-  bound_bytes, kv_final = _bound(cfg, rows, tp, new, wbytes)
+  bound_bytes, kv_final = _bound(cfg, prompts, rows, tp, new, wbytes)
   bw = _bandwidth(dev.device_kind)
   res = dict(impl='jax', preset=preset, device=dev.device_kind, jax=jax.__version__,
              prompts=prompts, G=G, rows=rows, prompt_len=tp,
              new_tokens=new, init_s=t_init, first_call_s=t_compile, prefill_s=t_pre, decode_s=t_dec,
              decode_tok_s=rows * (new - 1) / t_dec, total_s=t_pre + t_dec, new_tok_s=rows * new / (t_pre + t_dec),
              step_ms=1e3 * t_dec / (new - 1), peak_gib=stats.get('peak_bytes_in_use', 0) / 2 ** 30,
-             weight_gib=wbytes / 2 ** 30, kv_cache_gib=kv_final / 2 ** 30, hbm_bw=bw,
+             weight_gib=wbytes / 2 ** 30, kv_cache_gib=kv_final / 2 ** 30, kv_layout='shared_prompt', hbm_bw=bw,
              lengths_ok=bool((lengths == new).all()), min_length=int(lengths.min()),
              lengths_seen=sorted(set(lengths.tolist()))[:6])
   if bw:

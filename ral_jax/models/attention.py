@@ -6,7 +6,9 @@ at key slot t (no cache) or at slot index[b] + t (KV cache); a key j is visible 
 key_valid[b, j] and j <= i (causal, self included), exactly as transformers' eager attention with a padding mask.
 
 Two cache layouts: the model's cached `__call__` (prefill, tests) keeps [B,Smax,K,H] per layer; `Attention.decode`
-(the rollout's one-token step) keeps [R,K,S,H] per layer, so that both einsums of a T = 1 query read the cache once.
+(the rollout's one-token step, R = B*G rows) keeps per layer a prompt cache [B,K,Tp,H] shared by the G samples of a
+prompt and a response cache [R,K,Tr,H] per row, and attends over both with one softmax (`attend_shared_prefix`):
+kv-head-leading layouts, so that the einsums of a T = 1 query are batched matmuls that read each cache once.
 
 Two computations use the projected, rotated q and k:
 - the layer output (`Attention.__call__`), through `jax.nn.dot_product_attention` (implementation=
@@ -99,7 +101,8 @@ def attend_cache(q, k, v, valid):
 
   softmax_s(q . k_s / sqrt(H)) over valid slots, as `jax.nn.dot_product_attention`'s XLA path computes it (float32
   logits and softmax, probabilities cast to v's dtype). The (rows, kv heads) batch dims lead, so both einsums are
-  plain batched matmuls that read the cache once, with no transposed copy."""
+  plain batched matmuls that read the cache once, with no transposed copy. The rollout decodes with
+  `attend_shared_prefix` (prompt cache shared by a prompt's samples); this per-row form is its reference in tests."""
   R, _, N, H = q.shape
   K = k.shape[1]
   qg = q.reshape(R, K, N // K, H)
@@ -109,6 +112,39 @@ def attend_cache(q, k, v, valid):
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('rkgs,rksh->rkgh', probs, v)
   return out.reshape(R, 1, N, H)
+
+
+def attend_shared_prefix(q, prompt_k, prompt_v, prompt_valid, k, v, valid):
+  """One query per row over a prompt cache shared by the G samples of each prompt plus the row's own response cache.
+
+  q [R,1,N,H] with R = B*G rows ordered b*G + g (G samples per prompt); prompt_k/prompt_v [B,K,Tp,H] (one copy per
+  prompt), prompt_valid [B,Tp] bool; k/v [R,K,Tr,H], valid [R,Tr] bool -> [R,1,N,H]. Here Q = N // K is the number
+  of query heads per kv head. The result is `attend_cache` over the row's [prompt | response] cache: ONE softmax
+  over the Tp + Tr slots (float32 logits, max over both parts, exp, one sum), probabilities cast to v's dtype. The
+  prompt part is a batched matmul over (b, k) whose rows are the G*Q queries of the prompt's samples, so the
+  prompt's keys and values are read once per prompt, not once per sample (decoding is bound by those reads).
+  The two value products accumulate in float32 and are summed before the cast to v's dtype."""
+  R, _, N, H = q.shape
+  B, K = prompt_k.shape[:2]
+  if R % B:
+    raise ValueError(f'{R} rows are not a multiple of the {B} prompts of the shared cache')
+  G, Q, f32 = R // B, N // K, jnp.float32
+  qb = q.reshape(B, G, K, Q, H)
+  kr, vr = k.reshape(B, G, K, -1, H), v.reshape(B, G, K, -1, H)
+  scale = f32(1.0 / math.sqrt(H))
+  lp = jnp.einsum('bgkqh,bksh->bkgqs', qb, prompt_k, preferred_element_type=f32) * scale     # [B,K,G,Q,Tp]
+  lr = jnp.einsum('bgkqh,bgksh->bkgqs', qb, kr, preferred_element_type=f32) * scale          # [B,K,G,Q,Tr]
+  neg = jnp.finfo(f32).min
+  lp = jnp.where(prompt_valid[:, None, None, None, :], lp, neg)
+  lr = jnp.where(valid.reshape(B, G, -1)[:, None, :, None, :], lr, neg)
+  m = jax.lax.stop_gradient(jnp.maximum(lp.max(-1, keepdims=True), lr.max(-1, keepdims=True)))
+  ep, er = jnp.exp(lp - m), jnp.exp(lr - m)
+  denom = ep.sum(-1, keepdims=True) + er.sum(-1, keepdims=True)
+  pp, pr = (ep / denom).astype(v.dtype), (er / denom).astype(v.dtype)
+  out = (jnp.einsum('bkgqs,bksh->bkgqh', pp, prompt_v, preferred_element_type=f32)
+         + jnp.einsum('bkgqs,bgksh->bkgqh', pr, vr, preferred_element_type=f32))          # [B,K,G,Q,H]
+  # (batch dims leading in the output: XLA's CPU runtime has no bf16 x bf16 -> f32 dot with a transposed output)
+  return out.astype(v.dtype).transpose(0, 2, 1, 3, 4).reshape(R, 1, N, H)
 
 
 def _target_platform() -> str:
@@ -220,18 +256,22 @@ class Attention(nn.Module):
                                      with_heads=record_heads)
     return {'policy': policy, 'heads': heads} if record_heads else {'policy': policy}
 
-  def decode(self, x, cos, sin, k_cache, v_cache, valid, slot):
-    """One new token per row on this layer's own cache (the rollout's decode step).
+  def decode(self, x, cos, sin, prompt, k_cache, v_cache, valid, slot):
+    """One new token per row on this layer's caches (the rollout's decode step).
 
-    x [R,1,D] (normed layer input); cos/sin [R,1,H]; k_cache/v_cache [R,K,S,H]; valid [R,S] bool with the new
-    slot already marked; slot [] int32, the cache slot shared by all rows. Writes the token's k/v at `slot` and
-    attends over the valid slots. Returns (out [R,1,D], k_cache, v_cache)."""
+    x [R,1,D] (normed layer input, rows b*G + g); cos/sin [R,1,H]; prompt = (k [B,K,Tp,H], v, valid [B,Tp] bool),
+    the layer's prompt cache shared by the G = R // B samples of each prompt (read only); k_cache/v_cache
+    [R,K,Tr,H], the rows' response caches; valid [R,Tr] bool with the new slot already marked; slot [] int32, the
+    response slot shared by all rows. Writes the token's k/v at `slot` and attends over the valid prompt and
+    response slots (`attend_shared_prefix`). Returns (out [R,1,D], k_cache, v_cache)."""
     q = apply_rope(self.q_proj(x), cos, sin)
     k = apply_rope(self.k_proj(x), cos, sin)
     v = self.v_proj(x)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, slot, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, slot, 0))
-    out = attend_cache(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), valid)
+    pk, pv, pvalid = prompt
+    c = lambda a: a.astype(q.dtype)
+    out = attend_shared_prefix(q, c(pk), c(pv), pvalid, c(k_cache), c(v_cache), valid)
     return self.o_proj(out), k_cache, v_cache
 
   def __call__(self, x, cos, sin, key_valid, q_slot, *, kv_cache=None, cache_index=None, causal_fast: bool = True):

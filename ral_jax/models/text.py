@@ -15,8 +15,9 @@ sliced parameter stacks and their gradients: +13 GB at 7B.)
 
 KV cache (decode): see `ral_jax/models/vlm.py` for the cache pytree; here layer i reads and writes slice i of
 cache['k'] / cache['v'] [L,B,Smax,K,H] carried through the scan (in place under donation).
-One-token decoding (the rollout): `DecoderLayer.decode` is the same block on one layer's own [R,K,S,H] cache, run
-by models.vlm.decode_token over per-layer weights (see vlm.py for why the sampler does not use the scanned stack).
+One-token decoding (the rollout): `DecoderLayer.decode` is the same block on one layer's own caches (a prompt cache
+[B,K,Tp,H] shared by the G samples of each prompt, a response cache [R,K,Tr,H] per row), run by
+models.vlm.decode_token over per-layer weights (see vlm.py for why the sampler does not use the scanned stack).
 """
 from __future__ import annotations
 
@@ -67,10 +68,12 @@ class DecoderLayer(nn.Module):
     h = h + self.mlp(self.post_attention_layernorm(h))
     return nn.with_logical_constraint(h, _H_AXES), new_cache
 
-  def decode(self, h, cos, sin, k_cache, v_cache, valid, slot):
-    """The same block for one new token per row on this layer's [R,K,S,H] cache (see Attention.decode).
+  def decode(self, h, cos, sin, prompt, k_cache, v_cache, valid, slot):
+    """The same block for one new token per row on this layer's caches: prompt (k, v [B,K,Tp,H], valid [B,Tp]) shared
+    by each prompt's samples, response k/v [R,K,Tr,H] per row (see Attention.decode).
     h [R,1,D] -> (h [R,1,D], k_cache, v_cache)."""
-    a, k_cache, v_cache = self.self_attn.decode(self.input_layernorm(h), cos, sin, k_cache, v_cache, valid, slot)
+    a, k_cache, v_cache = self.self_attn.decode(self.input_layernorm(h), cos, sin, prompt, k_cache, v_cache, valid,
+                                                slot)
     h = h + a
     h = h + self.mlp(self.post_attention_layernorm(h))
     return h, k_cache, v_cache

@@ -52,11 +52,14 @@ and a dynamic-slice copy of the layer weights: several passes over memory for on
 bandwidth, so the sampler instead keeps
   weights `decode_weights(params, cfg, dtype)`: {'embed', 'layers': (L per-layer trees), 'norm', 'lm_head'} in the
           sampling dtype (made once per rollout, together with the cast);
-  cache   `per_layer_cache(cache, G)`: {'k': (L x [R,K,S,H]), 'v': (...), 'valid': [R,S] bool}, each prompt's row
-          repeated G times (row b*G + g);
+  prompt  `prompt_cache(cache)`: {'k': (L x [B,K,Tp,H]), 'v': (...), 'valid': [B,Tp] bool}, the prefill's cache
+          transposed per layer, ONE copy per prompt shared by its G samples (read only while decoding);
+  cache   `response_cache(cfg, R, Tr)`: {'k': (L x [R,K,Tr,H]), 'v': (...), 'valid': [R,Tr] bool}, per row
+          (R = B*G, row b*G + g is sample g of prompt b);
 and runs the layers unrolled, each through `DecoderLayer.decode` (the model's own block: one token written at the
-slot shared by all rows, attention reading the layer's cache once). Tests check it against the full forward and
-against the cached `__call__` above.
+response slot shared by all rows; attention reads the prompt cache once per prompt and each row's response cache
+once, one softmax over both: attention.attend_shared_prefix). Tests check it against the full forward and against
+the cached `__call__` above run on the G-fold repeated prompts.
 """
 from __future__ import annotations
 
@@ -181,19 +184,29 @@ def decode_weights(params, cfg, dtype) -> Dict[str, Any]:
           'lm_head': head}
 
 
-def per_layer_cache(cache, num_samples: int) -> Dict[str, Any]:
-  """The stacked cache of a prefill (k, v [L,B,S,K,H], mask [B,S]) -> per-layer caches with each row repeated
-  num_samples = G times: {'k': (L x [B*G,K,S,H]), 'v': (...), 'valid': [B*G,S] bool} (row b*G + g)."""
-  rep = lambda x: jnp.repeat(x, num_samples, axis=0).transpose(0, 2, 1, 3)
+def prompt_cache(cache) -> Dict[str, Any]:
+  """The stacked cache of a prefill (k, v [L,B,S,K,H], mask [B,S]) -> per-layer prompt caches, one copy per prompt
+  (shared by its G samples, never repeated): {'k': (L x [B,K,S,H]), 'v': (...), 'valid': [B,S] bool}."""
+  tr = lambda x: x.transpose(0, 2, 1, 3)
   L = cache['k'].shape[0]
-  return {'k': tuple(rep(cache['k'][i]) for i in range(L)), 'v': tuple(rep(cache['v'][i]) for i in range(L)),
-          'valid': jnp.repeat(cache['mask'].astype(bool), num_samples, axis=0)}
+  return {'k': tuple(tr(cache['k'][i]) for i in range(L)), 'v': tuple(tr(cache['v'][i]) for i in range(L)),
+          'valid': cache['mask'].astype(bool)}
 
 
-def decode_token(weights, cfg, cache, tokens, positions, slot):
-  """One token per row through the whole decoder. weights from `decode_weights` (in cfg.dtype); cache from
-  `per_layer_cache`; tokens [R] int32; positions [3,R,1] int32 (M-RoPE ids of the fed tokens); slot [] int32 (the
-  cache slot they are written to, shared by all rows). Returns (logits [R,V] float32 of the next token, cache)."""
+def response_cache(cfg, rows: int, length: int, dtype=None) -> Dict[str, Any]:
+  """Empty per-row response caches: {'k': (L x [R,K,Tr,H]) zeros, 'v': (...), 'valid': [R,Tr] False}."""
+  dt = canon_dtype(dtype or cfg.dtype)
+  shape = (rows, cfg.num_key_value_heads, length, cfg.head_dim)
+  L = cfg.num_hidden_layers
+  return {'k': tuple(jnp.zeros(shape, dt) for _ in range(L)), 'v': tuple(jnp.zeros(shape, dt) for _ in range(L)),
+          'valid': jnp.zeros((rows, length), bool)}
+
+
+def decode_token(weights, cfg, prompt, cache, tokens, positions, slot):
+  """One token per row through the whole decoder. weights from `decode_weights` (in cfg.dtype); prompt from
+  `prompt_cache` (B prompts, read only); cache from `response_cache` (R = B*G rows, row b*G + g continues prompt b);
+  tokens [R] int32; positions [3,R,1] int32 (M-RoPE ids of the fed tokens); slot [] int32 (the response slot they
+  are written to, shared by all rows). Returns (logits [R,V] float32 of the next token, response cache)."""
   dt = canon_dtype(cfg.dtype)
   kw = dict(dtype=dt, param_dtype=dt)
   R = tokens.shape[0]
@@ -204,7 +217,8 @@ def decode_token(weights, cfg, cache, tokens, positions, slot):
   layer = DecoderLayer(cfg, **kw)
   ks, vs = [], []
   for i, p in enumerate(weights['layers']):
-    h, kc, vc = layer.apply({'params': p}, h, cos, sin, cache['k'][i], cache['v'][i], valid, slot,
+    pkv = (prompt['k'][i], prompt['v'][i], prompt['valid'])
+    h, kc, vc = layer.apply({'params': p}, h, cos, sin, pkv, cache['k'][i], cache['v'][i], valid, slot,
                             method=DecoderLayer.decode)
     ks.append(kc)
     vs.append(vc)

@@ -14,24 +14,35 @@ API (the trainer calls `generate`; `prefill` / `sampler_weights` / `decode` are 
     rng            a PRNG key; sample i (row b*G+g) at step j draws with fold_in(fold_in(rng, j), i).
     sampling       sampling.SamplingConfig (Tr = max_new_tokens, stop ids, temperature, top-k/p, greedy).
     mesh, rules    optional: the ('data','fsdp','tensor') mesh and logical rules of ral_jax/sharding.py; rows are
-                   split over ('data','fsdp'), the KV cache's kv heads over 'tensor' (replicated where they do not
-                   divide), parameters keep the sharding they come with.
+                   split over ('data','fsdp'), the KV caches' kv heads over 'tensor', the prompt cache's B rows over
+                   ('data','fsdp') too (each axis entry replicated where it does not divide: B may not divide the
+                   mesh while R does), parameters keep the sharding they come with.
   -> RolloutOutput: tokens [B*G,Tr] int32 (pad_id after the end), logprobs [B*G,Tr] float32 (the sampler's
      log_softmax(logits / temperature) at each drawn token, untruncated by top-k/top-p, 0 after the end),
      response_mask [B*G,Tr] int32, lengths [B*G] int32 (stop token included), stop_reason [B*G] int32
      (STOP_EOS = 0: a stop id was drawn; STOP_MAX_LEN = 1: Tr tokens without a stop id).
   Row b*G + g is sample g of prompt b (np.repeat order).
 
-How: one prefill per prompt ([B,Tp] through the model's cached forward, cache of Tp + Tr slots; in chunks of
-`sampling.prefill_batch` prompts), the cache (split per layer, models.vlm.per_layer_cache) and the last logits
-repeated G times along the batch, token 0 drawn; then a `lax.while_loop` over `SamplingState`, one token per
-iteration (models.vlm.decode_token, each layer through `DecoderLayer.decode`): feed token j-1 (M-RoPE position
-next_pos + j - 1 in all three rows, next_pos = max prompt position + 1, cache slot Tp + j - 1), draw token j. The loop stops after Tr tokens or as soon as every row is done.
-The cache, tokens and log-probs are donated to the decode program and updated in place (the small [R] fields are
-not: donating them gave wrong lengths on an H200 with jax 0.11.2, most likely because constant-folded prefill
-outputs such as the all-ones lengths / stop_reason share a buffer); all lengths are arrays, so one compilation
-serves a (B, Tp, Tr, G) bucket. The tests check the loop against the full forward and against a reference loop
-over the model's stacked cached `__call__` (tests/test_rollout_engine.py).
+How: one prefill per prompt ([B,Tp] through the model's cached forward, cache of Tp slots; in chunks of
+`sampling.prefill_batch` prompts written into one [B,...] cache), the last logits repeated G times along the batch,
+token 0 drawn; then a `lax.while_loop` over `SamplingState`, one token per iteration (models.vlm.decode_token, each
+layer through `DecoderLayer.decode`): feed token j-1 (M-RoPE position next_pos + j - 1 in all three rows,
+next_pos = max prompt position + 1, response slot j - 1), draw token j. The loop stops after Tr tokens or as soon as
+every row is done.
+KV cache layout (per layer; models.vlm.prompt_cache / response_cache):
+  prompt cache   k, v [B,K,Tp,H], valid [B,Tp] (left padding): ONE copy per prompt, shared by its G samples, never
+                 repeated; written by the prefill, read only by the decode loop (a non-donated argument);
+  response cache k, v [R,K,Tr,H], valid [R,Tr]: per row, token j written at slot j; allocated inside the decode
+                 program (zeros, the loop's carry), so it never crosses a program boundary.
+Each decoded token attends over its prompt's slots and its own response slots with one softmax
+(models.attention.attend_shared_prefix): the prompt keys and values are read once per prompt and step, not G times,
+and the cache holds B*Tp + R*Tr slots instead of R*(Tp + Tr).
+Tokens and log-probs are donated to the decode program and updated in place (the small [R] fields are not:
+donating them gave wrong lengths on an H200 with jax 0.11.2, most likely because constant-folded prefill outputs
+such as the all-ones lengths / stop_reason share a buffer; for the same reason the response cache, all zeros, is
+not a prefill output); all lengths are arrays, so one compilation serves a (B, Tp, Tr, G) bucket. The tests check
+the loop against the full forward and against a reference loop over the model's stacked cached `__call__` on the
+G-fold repeated prompts (tests/test_rollout_engine.py).
 """
 from __future__ import annotations
 
@@ -74,7 +85,10 @@ class SamplingState:
   done:        [R] bool, the row drew a stop id or reached Tr tokens.
   stop_reason: [R] int32, STOP_EOS or STOP_MAX_LEN (STOP_MAX_LEN until a stop id is drawn).
   next_pos:    [R] int32, M-RoPE position of response token 0 (all three rows).
-  cache:       models.vlm.per_layer_cache's {'k': L x [R,K,Tp+Tr,H], 'v': ..., 'valid': [R,Tp+Tr] bool}.
+  prompt_cache: models.vlm.prompt_cache's {'k': L x [B,K,Tp,H], 'v': ..., 'valid': [B,Tp] bool}, one copy per
+               prompt shared by its G rows; read only (not carried by the loop).
+  cache:       models.vlm.response_cache's {'k': L x [R,K,Tr,H], 'v': ..., 'valid': [R,Tr] bool}; None in the
+               state `prefill` returns (the decode program allocates it).
   """
   step: jax.Array
   tokens: jax.Array
@@ -83,7 +97,8 @@ class SamplingState:
   done: jax.Array
   stop_reason: jax.Array
   next_pos: jax.Array
-  cache: Dict[str, jax.Array]
+  prompt_cache: Dict[str, Any]
+  cache: Dict[str, Any]
 
 
 # ---- host-side checks and helpers ---------------------------------------------------------------------------
@@ -149,10 +164,11 @@ def _constrain(tree, mesh, spec_fn):
 
 
 def _rows_spec(x):
-  """Rows axis over ('data','fsdp'), scalars replicated; KV caches [R,K,S,H]: kv heads over 'tensor'."""
+  """Rows axis over ('data','fsdp'), scalars replicated; KV caches (prompt [B,K,Tp,H], response [R,K,Tr,H]): kv
+  heads over 'tensor'. `_constrain` drops an axis entry that does not divide its dim (e.g. B prompts on 8 devices)."""
   if x.ndim == 0:
     return P()
-  if x.ndim == 4:   # vlm.per_layer_cache [R,K,S,H]
+  if x.ndim == 4:   # vlm.prompt_cache / response_cache
     return P(('data', 'fsdp'), 'tensor', None, None)
   return P(('data', 'fsdp'))
 
@@ -207,13 +223,13 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules):
     return vlm.decode_weights(params, cfg, dt)
 
   def prefill_one(params, prompt_ids, prompt_mask, positions, visual_embeds):
-    """[b,Tp] prompts -> (last logits [b,V] f32, per-layer caches with rows repeated G times)."""
+    """[b,Tp] prompts -> (last logits [b,V] f32, per-layer prompt caches [b,K,Tp,H], one per prompt)."""
     b, Tp = prompt_ids.shape
-    cache = init_cache(cfg, b, Tp + Tr, cfg.dtype)
+    cache = init_cache(cfg, b, Tp, cfg.dtype)
     out = model.apply({'params': params}, prompt_ids, positions, prompt_mask, visual_embeds=visual_embeds,
                       return_hidden=True, cache=cache)
     logits = model.apply({'params': params}, out.hidden[:, -1:], method=Qwen25VL.logits_from_hidden)[:, 0]
-    return logits, vlm.per_layer_cache(out.cache, G)
+    return logits, vlm.prompt_cache(out.cache)
 
   def prefill_fn(params, prompt_ids, prompt_mask, positions, visual_embeds, rng):
     params = _cast(params, dt)   # transient: freed when the prefill ends
@@ -224,18 +240,18 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules):
     if visual_embeds is not None:
       visual_embeds = visual_embeds.astype(dt)
     rep = lambda x, axis: jnp.repeat(x, G, axis=axis)
-    chunks, cache = [], None
+    chunks, prompt = [], None
     for c in range(B // C):
       sl = lambda x, axis=0: jax.lax.slice_in_dim(x, c * C, (c + 1) * C, axis=axis)
       vis = None if visual_embeds is None else sl(visual_embeds)
       logits_c, part = prefill_one(params, sl(prompt_ids), sl(prompt_mask), sl(positions, 1), vis)
       if B == C:
-        cache = part
-      else:   # written in place into the full per-layer caches, chunk after chunk
+        prompt = part
+      else:   # written in place into the [B,...] prompt caches, chunk after chunk
         if c == 0:
-          cache = jax.tree.map(lambda x: jnp.zeros((B * G,) + x.shape[1:], x.dtype), part)
-        cache = jax.tree.map(
-            lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, c * C * G, axis=0), cache, part)
+          prompt = jax.tree.map(lambda x: jnp.zeros((B,) + x.shape[1:], x.dtype), part)
+        prompt = jax.tree.map(
+            lambda full, p: jax.lax.dynamic_update_slice_in_dim(full, p, c * C, axis=0), prompt, part)
       chunks.append(logits_c)
     logits = jnp.concatenate(chunks, axis=0)
     R = B * G
@@ -243,14 +259,15 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules):
     state = SamplingState(step=jnp.zeros((), jnp.int32), tokens=jnp.full((R, Tr), sampling.pad_id, jnp.int32),
                           logprobs=jnp.zeros((R, Tr), jnp.float32), lengths=jnp.zeros((R,), jnp.int32),
                           done=jnp.zeros((R,), bool), stop_reason=jnp.full((R,), STOP_MAX_LEN, jnp.int32),
-                          next_pos=next_pos, cache=cache)
+                          next_pos=next_pos, prompt_cache=prompt, cache=None)
     state = _constrain_state(state, mesh)
     tok, lp = _sample(rep(logits, 0), rng, 0, sampling)
     return _constrain_state(_record_token(state, tok, lp, sampling), mesh)
 
-  def decode_fn(weights, big, small, rng):
-    state = small.replace(cache=big[0], tokens=big[1], logprobs=big[2])
-    R = state.tokens.shape[0]
+  def decode_fn(weights, prompt, big, small, rng):
+    R = big[0].shape[0]
+    state = small.replace(cache=vlm.response_cache(cfg, R, Tr, dt), tokens=big[0], logprobs=big[1])
+    prompt = _constrain(prompt, mesh, _rows_spec)   # read only: closed over by the loop body, never carried
 
     def cond(s):
       return (s.step < Tr) & ~jnp.all(s.done)
@@ -258,8 +275,8 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules):
     def body(s):
       prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1, keepdims=False)       # [R]
       pos = jnp.broadcast_to((s.next_pos + s.step - 1)[None, :, None], (3, R, 1)).astype(jnp.int32)
-      slot = s.cache['valid'].shape[1] - Tr + s.step - 1                # Tp + j - 1, the same for every row
-      logits, cache = vlm.decode_token(weights, cfg, s.cache, prev, pos, slot)
+      slot = s.step - 1                                                 # response slot j - 1, the same for every row
+      logits, cache = vlm.decode_token(weights, cfg, prompt, s.cache, prev, pos, slot)
       tok, lp = _sample(logits, rng, s.step, sampling)
       return _constrain_state(_record_token(s.replace(cache=cache), tok, lp, sampling), mesh)
 
@@ -267,13 +284,14 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules):
     mask = (jnp.arange(Tr, dtype=jnp.int32)[None, :] < s.lengths[:, None]).astype(jnp.int32)
     out = RolloutOutput(tokens=s.tokens, logprobs=s.logprobs, response_mask=mask, lengths=s.lengths,
                         stop_reason=s.stop_reason)
-    return out, (s.cache, s.tokens, s.logprobs)   # returned so that the donated buffers are updated in place
+    return out, (s.tokens, s.logprobs)   # returned so that the donated buffers are updated in place
 
   weights_jit = jax.jit(weights_fn)
   prefill_jit = jax.jit(prefill_fn)
-  # Only the large arrays (cache, tokens, log-probs) are donated: the small [R] fields of a prefilled state can be
-  # constants (e.g. lengths and stop_reason are both all-ones), which must not be written in place.
-  decode_jit = jax.jit(decode_fn, donate_argnums=(1,))
+  # Only the large per-row arrays (tokens, log-probs) are donated: the small [R] fields of a prefilled state can be
+  # constants (e.g. lengths and stop_reason are both all-ones), which must not be written in place; the prompt
+  # cache is only read; the response cache lives inside the decode program.
+  decode_jit = jax.jit(decode_fn, donate_argnums=(2,))
 
   def weights(*args):
     with ctx():
@@ -284,10 +302,10 @@ def _programs(cfg, sampling, num_samples: int, mesh, rules):
       return prefill_jit(*args)
 
   def decode(weights, state, rng):
-    big = (state.cache, state.tokens, state.logprobs)
-    small = state.replace(cache=None, tokens=None, logprobs=None)
+    big = (state.tokens, state.logprobs)
+    small = state.replace(cache=None, tokens=None, logprobs=None, prompt_cache=None)
     with ctx():
-      out, _ = decode_jit(weights, big, small, rng)
+      out, _ = decode_jit(weights, state.prompt_cache, big, small, rng)
     return out
   return weights, prefill, decode
 
@@ -314,7 +332,8 @@ def prefill(params, cfg, prompts, visual_embeds, rng, sampling, num_samples: int
 
 def decode(weights, cfg, state: SamplingState, rng, sampling, num_samples: int = 1, *, mesh=None,
            rules=None) -> RolloutOutput:
-  """Runs the decode loop on a prefilled state (donated: do not reuse `state`); weights from `sampler_weights`."""
+  """Runs the decode loop on a prefilled state (its tokens and log-probs are donated: do not reuse `state`); weights
+  from `sampler_weights`."""
   _, _, dec = _programs(sampler_config(cfg, sampling), sampling, num_samples, mesh, rules)
   return dec(weights, state, rng)
 

@@ -33,7 +33,7 @@ class SamplingConfig:
   ignore_stop: never stop at a stop id (benchmarks: always produce max_new_tokens).
   dtype: compute dtype of the sampler (parameters are cast to it once per call; the KV cache is kept in it).
   prefill_batch: prompts per prefill pass (0 = all at once); B must be a multiple. Bounds the prefill's working set
-    (attention logits [b,N,Tp,Tp+Tr] float32 per layer) for large rollout batches.
+    (attention logits [b,N,Tp,Tp] float32 per layer) for large rollout batches.
   """
   temperature: float = 1.0
   top_k: int = 0
