@@ -1,0 +1,145 @@
+"""Checkpoint save benchmark: how long a save holds the training loop, at a real model's state size.
+
+  python -m ral_jax.bench.checkpoint                                   # 3B state (RL: params + Adam + reference)
+  python -m ral_jax.bench.checkpoint --preset=qwen2_5_vl_3b --layers=1 --vision_depth=1 --vocab=32768 \
+      --saves=2 --dir=/tmp                                             # a ~3 GB state on a CPU
+
+The state is built by the trainer's own constructors (train/build: `init_model_params` with random per-leaf init,
+`create_state` with the RL optimizer, `reference_of`) on a one-device mesh, and saved by the trainer's
+`Checkpointer` the way the loop saves it (`Trainer._save`: the finite check, state + reference + JSON meta; the
+reference is left out when the loop would leave it out, see `--ref`). `--layers`, `--vision_depth` and `--vocab`
+shrink the preset (same code, a smaller state) for machines without the memory of the real one.
+
+Each save is timed as the loop sees it:
+  blocking_s       `Checkpointer.save` returning (the loop then dispatches its next step)
+  next_step_s      one donating update of the whole state right after the save (each leaf x 1, the state donated as
+                   the RL update donates it) until it is done, minus the same update without a save
+                   (`step_alone_s`): the device-side stall, if the save still reads the donated buffers
+  finalize_s       `Checkpointer.wait` (the rest of the write)
+  restored_exact   the last save restored onto the state's shardings has the checksum (`tree_checksum`) the state
+                   had when `save` was called (the update after the save changes every value)
+`--saves=N` saves N times (pinned host buffers are pooled after the first on GPU). Prints one JSON object: bytes
+per item (state, ref), versions, device, and per save the times above; the same object goes to $OUT/bench_checkpoint.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+
+def _state(args):
+  import jax
+  from configs import common
+  from ral_jax import sharding
+  from ral_jax.train import build
+  from ral_jax.train import config as rc
+  c = common.get_config_for('video', 'ral')
+  c.model.preset = args.preset
+  c.model.param_dtype = args.param_dtype
+  c.rl.beta = args.beta
+  c.mesh.shape = (1, 1, 1)
+  run = rc.build(c, jax.device_count(), warn=False)
+  cfg = run.model
+  over = {}
+  if args.layers:
+    over['num_hidden_layers'] = args.layers
+  if args.vocab:
+    over['vocab_size'] = args.vocab
+  if over:
+    cfg = cfg.replace(**over)
+  if args.vision_depth:
+    import dataclasses
+    vis = cfg.vision
+    cfg = cfg.replace(vision=dataclasses.replace(vis, depth=args.vision_depth, fullatt_block_indexes=tuple(
+        i for i in vis.fullatt_block_indexes if i < args.vision_depth)))
+  mesh, rules = sharding.make_mesh(run.mesh.shape), sharding.logical_rules(run.mesh.rules)
+  params = build.init_model_params(cfg, mesh, rules, run.seed, per_leaf=True)
+  state = build.create_state(params, build.optim.make_optimizer(run.rl_optim), run.seed)
+  ref = build.reference_of(state.params)
+  del params
+  jax.block_until_ready((state, ref))
+  return run, cfg, state, ref
+
+
+def _nbytes(tree) -> int:
+  import jax
+  return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--preset', default='qwen2_5_vl_3b')
+  ap.add_argument('--param_dtype', default='', help="'' = the preset's (float32 for 3B), or bfloat16")
+  ap.add_argument('--layers', type=int, default=0, help='decoder layers (0 = the preset)')
+  ap.add_argument('--vision_depth', type=int, default=0, help='vision blocks (0 = the preset)')
+  ap.add_argument('--vocab', type=int, default=0, help='vocabulary (0 = the preset)')
+  ap.add_argument('--beta', type=float, default=0.04, help='rl.beta (0: the run has no reference model)')
+  ap.add_argument('--ref', default='loop', help="'loop': save the reference as the loop does; 'always': always "
+                  "save it (the behaviour before re-deriving it at restore); 'never'")
+  ap.add_argument('--snapshot', default='auto', help="Checkpointer(host_snapshot=...): auto | 1 | 0")
+  ap.add_argument('--saves', type=int, default=2)
+  ap.add_argument('--verify', type=int, default=1, help='1: restore the last save and compare its checksum')
+  ap.add_argument('--dir', default='', help='where the checkpoints go (default: a temp dir; 3B needs ~60 GB)')
+  ap.add_argument('--out', default=os.path.join(os.environ.get('OUT', '.'), 'bench_checkpoint.json'))
+  args = ap.parse_args(argv)
+
+  import jax
+  from importlib import metadata
+  from ral_jax.train import checkpoint as ckpt_lib
+  t0 = time.perf_counter()
+  run, cfg, state, ref = _state(args)
+  res = {'preset': args.preset, 'layers': cfg.num_hidden_layers, 'vision_depth': cfg.vision.depth,
+         'vocab': cfg.vocab_size, 'param_dtype': str(jax.tree.leaves(state.params)[0].dtype),
+         'device': jax.devices()[0].device_kind, 'backend': jax.default_backend(), 'jax': jax.__version__,
+         'orbax': metadata.version('orbax-checkpoint'), 'build_s': time.perf_counter() - t0}
+  with_ref = {'loop': None, 'always': True, 'never': False}[args.ref]
+  res['bytes'] = {'state': _nbytes(state), 'ref': _nbytes(ref)}
+
+  # the "next step": every float leaf + 1, the state donated (a save that still read the donated buffers after the
+  # step wrote them would save the wrong values: the last save is restored and checked at the end)
+  touch = jax.jit(lambda s: jax.tree.map(lambda x: x + 1 if x.dtype.kind == 'f' else x, s), donate_argnums=0)
+  state = touch(state)                        # compile; the state stays donated-and-returned as in the loop
+  jax.block_until_ready(state)
+  t = time.perf_counter()
+  state = jax.block_until_ready(touch(state))
+  res['step_alone_s'] = time.perf_counter() - t
+
+  kw = {} if args.snapshot == 'auto' else {'host_snapshot': bool(int(args.snapshot))}
+  saves = []
+  with tempfile.TemporaryDirectory(dir=args.dir or None) as d:
+    ck = ckpt_lib.Checkpointer(d, 1, 1, True, **kw)
+    res['host_snapshot'] = ck.host_snapshot
+    res['ref_source'] = ckpt_lib.reference_source(args.beta, rl_from_start=True)   # as the RL-only headline run
+    for i in range(1, args.saves + 1):
+      meta = {'outer_step': i, 'stage': 'rl', 'data_state': {'rl': {'next_index': i}}}
+      r = ref if (with_ref if with_ref is not None else res['ref_source'] == 'saved') else None
+      expect = ckpt_lib.tree_checksum(state)
+      t = time.perf_counter()
+      ck.save(i, state, meta, ref=r)
+      blocking = time.perf_counter() - t
+      t = time.perf_counter()
+      state = jax.block_until_ready(touch(state))
+      nxt = time.perf_counter() - t
+      t = time.perf_counter()
+      ck.wait(progress_every=0)
+      fin = time.perf_counter() - t
+      saves.append({'blocking_s': blocking, 'next_step_s': nxt, 'stall_s': max(0.0, nxt - res['step_alone_s']),
+                    'finalize_s': fin, 'bytes_saved': res['bytes']['state'] + (res['bytes']['ref'] if r else 0)})
+      print(f'save {i}: {json.dumps(saves[-1])}', flush=True)
+    if args.verify:   # the last save restored: the values the state had when save() was called
+      got, _, _ = ck.restore(args.saves, state)
+      res['restored_exact'] = ckpt_lib.tree_checksum(got) == expect
+      del got
+    ck.close()
+  res['saves'] = saves
+  print(json.dumps(res, indent=1), flush=True)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump(res, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
