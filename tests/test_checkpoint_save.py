@@ -157,6 +157,6 @@ def test_a_beta_zero_run_holds_no_reference_and_resumes_without_one(tmp_path_fac
   wd = _train(tmp_path_factory, 0.0)            # rl_step with no reference at all
   assert not os.path.exists(os.path.join(wd, 'checkpoints', '1', 'ref'))
   t = loop.Trainer(_rl_only(0.0), wd)
-  done, stage, _, ref, meta = t.restore_or_init()
-  assert (done, stage, ref, meta['ref']) == (1, 'rl', None, {'source': 'none'})
+  meta = t.ckpt.read_meta(1)
+  assert meta['ref'] == {'source': 'none'} and t._restored_reference(1, None, meta['ref'], None) is None
   t.ckpt.close()

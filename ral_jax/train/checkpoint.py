@@ -155,8 +155,10 @@ class DamagedCheckpoint(RuntimeError):
 
 
 def first_nonfinite(tree, prefix: str = '') -> Optional[str]:
-  """Path of the first floating leaf holding NaN or Inf (None if all finite)."""
-  import jax.numpy as jnp
+  """Path of the first floating leaf holding NaN or Inf (None if all finite): one jitted check, then (only when it
+  fails) leaf by leaf."""
+  if params_finite(tree):
+    return None
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if hasattr(leaf, 'dtype') and jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
       return prefix + jax.tree_util.keystr(path)
