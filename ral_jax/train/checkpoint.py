@@ -231,7 +231,9 @@ class Checkpointer:
     meta = dict(meta, data_state={k: _encode(v) for k, v in (meta.get('data_state') or {}).items()})
     trees = {'state': state} if ref is None else {'state': state, 'ref': ref}
     if self.host_snapshot and _has_pinned_host(trees):
-      trees = host_copy(trees)          # asynchronous; the device buffers may be donated from here on
+      # asynchronous; the device buffers may be donated from here on. The state first: the next step waits for
+      # its donated buffers only, while the reference (never donated) is copied out behind it.
+      trees = {k: host_copy(v) for k, v in trees.items()}
       self._join_pending()              # the previous save's host copy is in Orbax's hands (and its error raised)
       self._pending = (outer_step, self._worker.submit(self._save_now, outer_step, trees, meta, force))
       return True
