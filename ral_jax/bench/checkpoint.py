@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import tempfile
 import time
 
@@ -129,7 +130,8 @@ def main(argv=None):
       fin = time.perf_counter() - t
       stall = max(0.0, nxt - res['step_alone_s'])
       saves.append({'blocking_s': blocking, 'next_step_s': nxt, 'stall_s': stall, 'hold_s': blocking + stall,
-                    'finalize_s': fin, 'bytes_saved': res['bytes']['state'] + (res['bytes']['ref'] if r else 0)})
+                    'finalize_s': fin, 'host_peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                    'bytes_saved': res['bytes']['state'] + (res['bytes']['ref'] if r else 0)})
       print(f'save {i}: {json.dumps(saves[-1])}', flush=True)
       if args.verify and i == args.saves:   # restored: the values the state had when save() was called
         got, _, _ = ck.restore(i, state)

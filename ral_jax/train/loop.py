@@ -1,7 +1,8 @@
 """The outer training loop: SFT warm-up steps, then RL steps; evaluation, metrics, checkpoints, resume.
 
 Outer steps are numbered 1..sft_steps (SFT) then sft_steps+1..sft_steps+rl_steps (RL, one rollout batch each).
-At the first RL step the RL optimizer state is created and the frozen reference is copied from the policy.
+At the first RL step the RL optimizer state is created and the frozen reference is copied from the policy (none
+when rl.beta = 0; checkpoints save it only when it cannot be re-derived: checkpoint.reference_source).
 Per-step randomness: fold_in(PRNGKey(seed), outer_step). A run started in a workdir with a checkpoint resumes from
 its latest step (state, reference, data-iterator positions, and the held-out accuracy measured before training).
 Asynchronous dispatch: step t is dispatched before step t-1's metrics are fetched and written (`_log`), so the host
@@ -99,6 +100,7 @@ class Trainer:
       self.rl_data = train_data.make_stage_data(run, train_files, run.rl.prompts_per_batch, 'rl', counter)
     self.eval_batches = train_data.eval_batches(run, eval_files, run.loop.eval_examples, run.loop.eval_batch)
     self.ckpt = ckpt_lib.Checkpointer(workdir, run.loop.ckpt_every, run.loop.ckpt_keep, run.loop.ckpt_async)
+    self.ref_record: Optional[Dict] = None   # the RL reference's source, as checkpoints record it (meta['ref'])
     self.base_rng = jax.random.PRNGKey(run.seed)
     self._steps: Dict[str, train_init.Steps] = {}
     self.streak = SkipStreak(config.train.max_skipped_updates)
