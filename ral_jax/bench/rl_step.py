@@ -265,6 +265,7 @@ def run_jax(args, preset: str) -> dict:
       st, rf = what[args.ckpt_items]
       res['ckpt_items'] = args.ckpt_items
       res['ckpt_bytes'] = sum(x.nbytes for x in jax.tree.leaves((st, rf)))
+      ckpt_lib.params_finite(st.params)   # compiled (and checked) before the save, as the loop does
       t = time.perf_counter()
       ck.save(1, st, {'outer_step': 1}, ref=rf)
       res['ckpt_blocking_s'] = time.perf_counter() - t
