@@ -1,25 +1,29 @@
 """Checkpoint save benchmark: how long a save holds the training loop, at a real model's state size.
 
-  python -m ral_jax.bench.checkpoint                                   # 3B state (RL: params + Adam + reference)
-  python -m ral_jax.bench.checkpoint --preset=qwen2_5_vl_3b --layers=1 --vision_depth=1 --vocab=32768 \
-      --saves=2 --dir=/tmp                                             # a ~3 GB state on a CPU
+  python -m ral_jax.bench.checkpoint --saves=3 --dir=/tmp             # the 3B RL state, one GPU
+  python -m ral_jax.bench.checkpoint --layers=2 --vision_depth=2 --vocab=32768 --saves=3   # 3B shrunk: ~3 GB, CPU
+  ... --snapshot=0 --ref=always                                       # the behaviour before host snapshots
 
 The state is built by the trainer's own constructors (train/build: `init_model_params` with random per-leaf init,
 `create_state` with the RL optimizer, `reference_of`) on a one-device mesh, and saved by the trainer's
-`Checkpointer` the way the loop saves it (`Trainer._save`: the finite check, state + reference + JSON meta; the
-reference is left out when the loop would leave it out, see `--ref`). `--layers`, `--vision_depth` and `--vocab`
-shrink the preset (same code, a smaller state) for machines without the memory of the real one.
+`Checkpointer` the way the loop saves it (`Trainer._save`: the finite check, the state, JSON meta, and the reference
+only where the loop saves it: `--ref`, `--beta`). `--layers`, `--vision_depth` and `--vocab` shrink the preset (same
+code, a smaller state) for machines without the memory of the real one. Each save goes to its own directory,
+deleted after it.
 
-Each save is timed as the loop sees it:
+Per save:
   blocking_s       `Checkpointer.save` returning (the loop then dispatches its next step)
-  next_step_s      one donating update of the whole state right after the save (each leaf x 1, the state donated as
-                   the RL update donates it) until it is done, minus the same update without a save
-                   (`step_alone_s`): the device-side stall, if the save still reads the donated buffers
-  finalize_s       `Checkpointer.wait` (the rest of the write)
-  restored_exact   the last save restored onto the state's shardings has the checksum (`tree_checksum`) the state
-                   had when `save` was called (the update after the save changes every value)
-`--saves=N` saves N times (pinned host buffers are pooled after the first on GPU). Prints one JSON object: bytes
-per item (state, ref), versions, device, and per save the times above; the same object goes to $OUT/bench_checkpoint.json.
+  next_step_s      one donating update right after the save (every float leaf + 1, the state donated as the RL
+                   update donates it), until it is done
+  stall_s          next_step_s minus the same update without a save (`step_alone_s`): how long the device waits
+                   because the save still reads the donated buffers
+  hold_s           blocking_s + stall_s: how long the save holds training back
+  finalize_s       `Checkpointer.wait` afterwards (the rest of the write)
+  host_peak_rss_gb the process's peak resident host memory so far (the host copies of a save live there)
+and restored_exact: the last save, restored onto the state's shardings, has the checksum (`tree_checksum`) the
+state had when `save` was called (the update after the save changes every value, so a save that read the buffers
+after the update would fail it). The first save may pay one-time costs (compiles, first pinned allocations).
+Prints one JSON object (bytes per item, versions, device, the saves); the same goes to $OUT/bench_checkpoint.json.
 """
 from __future__ import annotations
 
