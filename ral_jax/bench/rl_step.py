@@ -266,10 +266,13 @@ def run_jax(args, preset: str) -> dict:
     from ral_jax.train import checkpoint as ckpt_lib
     with tempfile.TemporaryDirectory(dir=args.ckpt_dir or None) as d:
       ck = ckpt_lib.Checkpointer(d, 1, 1, True)
-      what = {'all': (state, ref), 'state': (state, None), 'ref': (state.replace(params=ref, opt_state=()), None)}
+      as_loop = ref if ckpt_lib.reference_source(args.beta, rl_from_start=True) == 'saved' else None
+      what = {'all': (state, as_loop), 'state': (state, None), 'ref': (state.replace(params=ref, opt_state=()), None),
+              'state+ref': (state, ref)}
       st, rf = what[args.ckpt_items]
       res['ckpt_items'] = args.ckpt_items
       res['ckpt_bytes'] = sum(x.nbytes for x in jax.tree.leaves((st, rf)))
+      ckpt_lib.params_finite(st.params)   # compiled (and checked) before the save, as the loop does
       t = time.perf_counter()
       ck.save(1, st, {'outer_step': 1}, ref=rf)
       res['ckpt_blocking_s'] = time.perf_counter() - t
@@ -494,8 +497,9 @@ def main(argv=None):
   ap.add_argument('--logprob_chunk', type=int, default=256)
   ap.add_argument('--ckpt', type=int, default=1, help='1: time an async save of the final state (jax)')
   ap.add_argument('--ckpt_dir', default='', help='where the timed checkpoint goes (default: a temp dir)')
-  ap.add_argument('--ckpt_items', default='all', help="what the timed save holds: 'all' (state + reference, as "
-                  "the trainer), 'state', or 'ref' (the reference alone: when the disk is small)")
+  ap.add_argument('--ckpt_items', default='all', help="what the timed save holds: 'all' (as the trainer: the "
+                  "state, and the reference where it cannot be re-derived), 'state+ref', 'state', or 'ref' (the "
+                  "reference alone: when the disk is small)")
   ap.add_argument('--profile', default='', help='a folder: profile the last jax step there and report where its '
                   'device time goes (bench/profile_summary.py); the profiled step is timed too (slightly slower)')
   ap.add_argument('--timeout', type=int, default=420, help='seconds per run')

@@ -1,7 +1,8 @@
 """The outer training loop: SFT warm-up steps, then RL steps; evaluation, metrics, checkpoints, resume.
 
 Outer steps are numbered 1..sft_steps (SFT) then sft_steps+1..sft_steps+rl_steps (RL, one rollout batch each).
-At the first RL step the RL optimizer state is created and the frozen reference is copied from the policy.
+At the first RL step the RL optimizer state is created and the frozen reference is copied from the policy (none
+when rl.beta = 0; checkpoints save it only when it cannot be re-derived: checkpoint.reference_source).
 Per-step randomness: fold_in(PRNGKey(seed), outer_step). A run started in a workdir with a checkpoint resumes from
 its latest step (state, reference, data-iterator positions, and the held-out accuracy measured before training).
 Asynchronous dispatch: step t is dispatched before step t-1's metrics are fetched and written (`_log`), so the host
@@ -32,7 +33,6 @@ from ral_jax.train import checkpoint as ckpt_lib
 from ral_jax.train import data as train_data
 from ral_jax.train import run_setup
 from ral_jax.train import stages
-from ral_jax.train.state import all_finite
 
 
 class Preempted(Exception):
@@ -100,6 +100,7 @@ class Trainer:
       self.rl_data = train_data.make_stage_data(run, train_files, run.rl.prompts_per_batch, 'rl', counter)
     self.eval_batches = train_data.eval_batches(run, eval_files, run.loop.eval_examples, run.loop.eval_batch)
     self.ckpt = ckpt_lib.Checkpointer(workdir, run.loop.ckpt_every, run.loop.ckpt_keep, run.loop.ckpt_async)
+    self.ref_record: Optional[Dict] = None   # the RL reference's source, as checkpoints record it (meta['ref'])
     self.base_rng = jax.random.PRNGKey(run.seed)
     self._steps: Dict[str, train_init.Steps] = {}
     self.streak = SkipStreak(config.train.max_skipped_updates)
@@ -119,28 +120,67 @@ class Trainer:
     """Stage of outer step k (1-based)."""
     return 'sft' if outer_step <= self.run_cfg.loop.sft_steps else 'rl'
 
+  def reference_source(self, rl_from_start: bool) -> str:
+    return ckpt_lib.reference_source(self.run_cfg.objective.grpo.beta, rl_from_start)
+
+  def new_reference(self, params, source: str):
+    """(the frozen reference or None, its checkpoint record) for an RL stage starting from `params`."""
+    if source == 'none':
+      return None, {'source': 'none'}
+    ref = train_init.reference_of(params)
+    return ref, ({'source': 'init', 'checksum': ckpt_lib.tree_checksum(ref)} if source == 'init' else
+                 {'source': 'saved'})
+
   def restore_or_init(self):
-    """(outer step done, stage, state, ref params, meta) from the latest checkpoint, else a fresh start."""
+    """(outer step done, stage, state, ref params, meta) from the latest checkpoint, else a fresh start. Sets
+    self.ref_record, the reference's source as checkpoints record it."""
     params = run_setup.restore_params(self.ctx)
     first_stage = 'sft' if self.run_cfg.loop.sft_steps else 'rl'
 
     def templates(step):   # the stage a step was saved in (its meta), so a step beyond the total restores too
       stage = self.ckpt.read_meta(step).get('stage') or self.stage_of(step)
-      return self.new_state(stage, params), (train_init.reference_of(params) if stage == 'rl' else None)
+      ref_like = {k: v for k, v in params.items() if k != 'visual'} if stage == 'rl' else None   # shapes only
+      return self.new_state(stage, params), ref_like
 
     found = self.ckpt.restore_newest_intact(templates)   # skips (and reports) damaged newer steps
     if found is None:
-      ref = train_init.reference_of(params) if first_stage == 'rl' else None
+      ref, self.ref_record = (None, None) if first_stage == 'sft' else self.new_reference(
+          params, self.reference_source(rl_from_start=True))
       return 0, first_stage, self.new_state(first_stage, params), ref, {}
     latest, state, ref, meta = found
     stage = meta.get('stage') or self.stage_of(latest)
-    if stage == 'rl' and ref is None:
-      raise ValueError(f'checkpoint {latest} in {self.ckpt.directory} is an RL step but holds no reference model '
-                       "('ref'); resume from an earlier step or start a new workdir")
+    self.ref_record = None
+    if stage == 'rl':
+      ref = self._restored_reference(latest, ref, meta.get('ref') or {'source': 'saved'}, params)
     for name, data in (('sft', self.sft_data), ('rl', self.rl_data)):
       if data is not None and name in meta.get('data_state', {}):
         data.import_state(meta['data_state'][name])
     return latest, stage, state, ref, meta
+
+  def _restored_reference(self, step: int, ref, record: dict, params):
+    """The reference of RL checkpoint `step`: saved in it, or re-derived from the run's initial `params` and
+    checked against the checksum saved with it, or none (saved with beta = 0)."""
+    where = f'checkpoint {step} in {self.ckpt.directory}'
+    source = record.get('source', 'saved')
+    if source == 'init':
+      ref, self.ref_record = self.new_reference(params, 'init')
+      if self.ref_record['checksum'] != record.get('checksum'):
+        raise ValueError(f"{where} re-derives its reference model from the run's initial parameters, but they "
+                         f"differ from those it was saved with (checksum {self.ref_record['checksum']} != "
+                         f"{record.get('checksum')}): resume with the same model.hf_checkpoint, seed and "
+                         'model.init_checkpoint, or start a new workdir')
+      return ref
+    if source == 'none':
+      if self.run_cfg.objective.grpo.beta > 0:
+        raise ValueError(f'{where} was saved with rl.beta=0 and holds no reference model; resume with rl.beta=0, '
+                         'or start a new workdir')
+      self.ref_record = record
+      return None
+    if ref is None:
+      raise ValueError(f"{where} is an RL step but holds no reference model ('ref'); resume from an earlier step "
+                       'or start a new workdir')
+    self.ref_record = {'source': 'saved'}
+    return ref
 
   # ---- the loop ----------------------------------------------------------------------------------------------
   def _save(self, outer: int, stage: str, state, ref, extra: Dict, force: bool = False):
@@ -149,7 +189,11 @@ class Trainer:
       if data is not None:
         data_state[name] = data.export_state()   # every host's position (a collective)
     meta = dict(extra, outer_step=outer, stage=stage, data_state=data_state)
-    self.ckpt.save(outer, state, meta, ref=ref if stage == 'rl' else None, force=force)
+    saved_ref = None
+    if stage == 'rl':
+      meta['ref'] = self.ref_record
+      saved_ref = ref if self.ref_record['source'] == 'saved' else None   # else re-derived at restore
+    self.ckpt.save(outer, state, meta, ref=saved_ref, force=force)
 
   def evaluate(self, params, outer: int) -> Dict[str, float]:
     if not self.eval_batches:
@@ -195,7 +239,7 @@ class Trainer:
         new_stage = self.stage_of(outer)
         if new_stage != stage:          # SFT -> RL: fresh RL optimizer, reference = the policy now
           state = self.new_state('rl', state.params)
-          ref = train_init.reference_of(state.params)
+          ref, self.ref_record = self.new_reference(state.params, self.reference_source(rl_from_start=False))
           stage = new_stage
         if stage == 'rl' and outer == run.loop.sft_steps + 1:
           _say(f'step {outer}: RL stage ({run.algo}, lambda_attn={run.objective.ral.lambda_attn}, '
@@ -224,7 +268,7 @@ class Trainer:
         if self.ckpt.should_save(outer) or stop or outer == total:
           last = self._log(pending, writer) or last
           pending = None
-          if not bool(all_finite(state.params)):   # never checkpoint non-finite parameters
+          if not ckpt_lib.params_finite(state.params):   # never checkpoint non-finite parameters
             _say(f'step {outer}: non-finite parameters; stopping without saving', writer)
             raise FloatingPointError(f'non-finite parameters at step {outer}')
           self._save(outer, stage, state, ref, extra, force=bool(stop))
