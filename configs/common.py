@@ -2,8 +2,8 @@
 
 Presets (the `arg` of `get_config`, e.g. `--config=configs/video.py:grpo`):
   ''        the embedded default: tiny model, embedded tokenizer, synthetic tasks written into the workdir on
-            first use, SFT warm-up then RAL; about 10 minutes on a 2-core CPU; prints held-out accuracy before
-            and after.
+            first use, SFT warm-up then RAL; about 3-10 minutes on a 2-core CPU; prints held-out accuracy and
+            evidence mass before training, after SFT and after RL (README 'Training': RL adds nothing there).
   paper     the paper's recipe on Qwen2.5-VL-7B (ral_jax/docs/method.md s.6): needs --config.model.hf_checkpoint=DIR and
             --config.data.train_manifest=Video-R1 JSON (and data.data_root).
   grpo      lambda_attn = 0 (the GRPO baseline).     ral        GRPO + lambda_attn * RAL (ral_jax/docs/method.md s.3).
@@ -145,7 +145,7 @@ def base_config() -> ConfigDict:
   c.train.sft_steps = 30       # SFT warm-up steps (outer steps); 0 = none
   c.train.rl_steps = 30        # RL steps (one rollout batch each); 0 = none
   c.train.log_every = 1        # write metrics every N outer steps
-  c.train.eval_every = 0       # held-out accuracy every E outer steps (0 = only before and after)
+  c.train.eval_every = 0       # held-out accuracy every E outer steps (0 = only before, after SFT, after RL)
   c.train.eval_examples = 64   # held-out examples (greedy decoding)
   c.train.eval_batch = 32      # held-out prompts per evaluation batch (global)
   c.train.heatmap_every = 0    # attention heat maps of fixed held-out examples every E outer steps (0 = only

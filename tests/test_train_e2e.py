@@ -68,6 +68,12 @@ def _run_presets(out_dir: str, presets):
     results[name] = {'final': final, 'rows': rows, 'export': sorted(os.listdir(export)) if os.path.isdir(export) else []}
     att = os.path.join(wd, 'attention')
     results[name]['attention'] = sorted(os.listdir(att)) if os.path.isdir(att) else []
+    with open(os.path.join(wd, 'eval_summary.json')) as f:
+      results[name]['summary'] = json.load(f)
+    from ral_jax.train.checkpoint import Checkpointer
+    ck = Checkpointer(wd, 1, 10, False)
+    results[name]['meta_eval_points'] = ck.read_meta(ck.latest_step()).get('eval_points')
+    ck.close()
     if os.path.isdir(export):   # the export reads back (models.hf_io) to the last checkpoint's parameters
       import jax
       from ral_jax.models import hf_io
@@ -208,7 +214,9 @@ def test_tiny_preset_runs_with_finite_metrics(preset_runs, name):
   for r in rows:
     _finite(r)
   evals = [r for r in rows if r['stage'] == 'eval']
-  assert len(evals) == 2 and all('eval/accuracy' in r for r in evals), 'held-out accuracy before and after'
+  two_stages = bool(_stage_rows(preset_runs, name, 'sft')) and bool(_stage_rows(preset_runs, name, 'rl'))
+  assert len(evals) == (3 if two_stages else 2) and all('eval/accuracy' in r for r in evals), \
+      'held-out accuracy before training, after SFT (when followed by RL) and after training'
   rl = _stage_rows(preset_runs, name, 'rl')
   if name == 'sft':
     assert not rl and len(_stage_rows(preset_runs, name, 'sft')) == 3
@@ -231,6 +239,31 @@ def test_ral_term_is_zero_at_first_update_and_acts_later(preset_runs, name):
     assert abs(r['first/ral/jsd']) < 1e-6, 'p_theta == p_old at the first mini-batch (ral_jax/docs/method.md s.3)'
     assert r['last/ral/jsd'] > 1e-9, 'after one update the attention policy has moved'
     assert r['adv/mean_abs'] > 0
+
+
+@pytest.mark.parametrize('name', ['ral', 'grpo', 'sft'])
+def test_eval_summary_has_one_point_per_milestone(preset_runs, name):
+  """<workdir>/eval_summary.json: before, after SFT, after RL (those the run has), each equal to the held-out
+  evaluation row logged at that step, also in the returned metrics and in the last checkpoint's meta (a resumed
+  run reports them)."""
+  run = preset_runs[name]
+  evals = {r['step']: r for r in run['rows'] if r['stage'] == 'eval'}
+  last_sft = max([r['step'] for r in run['rows'] if r['stage'] == 'sft'], default=None)
+  total = max(r['step'] for r in run['rows'])
+  want = {'ral': ['before', 'after_sft', 'after_rl'], 'grpo': ['before', 'after_rl'], 'sft': ['before', 'after_sft']}
+  points = run['summary']['points']
+  assert [p['point'] for p in points] == want[name]
+  steps = {'before': 0, 'after_sft': last_sft, 'after_rl': total}
+  for p in points:
+    assert p['step'] == steps[p['point']]
+    row = evals[p['step']]
+    for k in ('accuracy', 'format', 'evidence_mass', 'evidence_chance', 'examples'):
+      assert p[k] == row[f'eval/{k}'], (p['point'], k)
+    flat = 'eval_' + p['point']
+    assert run['final'][flat] == p['accuracy'] and run['final'][flat + '_evidence_mass'] == p['evidence_mass']
+  assert run['summary']['sft_steps'] == (last_sft or 0) and run['summary']['algo'] == name
+  if name == 'ral':   # the SFT milestone is kept in the checkpoint meta for a resumed run
+    assert run['meta_eval_points']['after_sft']['accuracy'] == points[1]['accuracy']
 
 
 def test_grpo_has_no_attention_term(preset_runs):

@@ -160,3 +160,28 @@ def test_optimizer_state_is_sharded_like_the_parameters():
   assert len(specs) >= 4, specs   # mu and nu of model.w and lm_head.kernel
   assert all(spec == P('fsdp') for spec in specs), specs
   assert state.rng.sharding.spec == P() and state.step.sharding.spec == P()
+
+
+def test_eval_summary_table_json_and_flat_keys(tmp_path):
+  from ral_jax.train import eval_summary
+  ev = lambda acc, mass: {'eval/accuracy': acc, 'eval/format': 1.0, 'eval/evidence_mass': mass,  # noqa: E731
+                          'eval/evidence_chance': 0.296, 'eval/examples': 64.0, 'time/eval': 3.0}
+  # recorded out of order, as a resumed run may: printed and written in milestone order
+  points = {'after_rl': eval_summary.point(ev(0.7031, 0.31), 230), 'before': eval_summary.point(ev(0.0, 0.296), 0),
+            'after_sft': eval_summary.point({'eval/accuracy': 0.5, 'eval/examples': 64.0}, 200)}
+  lines = eval_summary.table(points, algo='grpo')
+  assert lines[0] == ('held-out results (64 examples, greedy decoding); evidence mass = share of visual attention '
+                      'on the evidence, uniform = 0.296:')
+  assert [ln[2:20].strip() for ln in lines[2:]] == ['before training', 'after SFT', 'after RL (grpo)']
+  assert lines[2].split()[-4:] == ['0', '0.000', '1.000', '0.296']
+  assert lines[3].split()[-4:] == ['200', '0.500', '-', '-'], 'a field the evaluation lacked prints as -'
+  assert lines[4].split()[-4:] == ['230', '0.703', '1.000', '0.310']
+  path = eval_summary.write(str(tmp_path), points, algo='ral', seed=3)
+  with open(path) as f:
+    data = json.load(f)
+  assert [p['point'] for p in data['points']] == ['before', 'after_sft', 'after_rl'] and data['seed'] == 3
+  assert data['points'][2] == {'point': 'after_rl', 'label': 'after RL', 'step': 230, 'accuracy': 0.7031,
+                               'format': 1.0, 'evidence_mass': 0.31, 'evidence_chance': 0.296, 'examples': 64.0}
+  flat = eval_summary.flat(points)
+  assert flat['eval_after_rl'] == 0.7031 and flat['eval_before_evidence_mass'] == 0.296
+  assert 'eval_after_sft_evidence_mass' not in flat and flat['eval_after_sft'] == 0.5

@@ -31,6 +31,7 @@ from ral_jax.data import tokenizer as tokenizer_lib
 from ral_jax.train import build as train_init
 from ral_jax.train import checkpoint as ckpt_lib
 from ral_jax.train import data as train_data
+from ral_jax.train import eval_summary
 from ral_jax.train import run_setup
 from ral_jax.train import stages
 
@@ -220,7 +221,10 @@ class Trainer:
       return {'already_complete': 1.0}
     writer = metrics_lib.MetricsWriter(self.workdir, total, done, drop_after=done)
     guard = ckpt_lib.PreemptionGuard()
-    extra = {k: meta[k] for k in ('eval_before', 'eval_before_evidence_mass') if k in meta}
+    extra = {k: meta[k] for k in ('eval_before', 'eval_before_evidence_mass', 'eval_points') if k in meta}
+    points = extra.setdefault('eval_points', {})   # milestone -> eval_summary.point (saved in the checkpoint meta)
+    if 'eval_before' in extra and 'before' not in points:   # a checkpoint written before eval_points existed
+      points['before'] = {'step': 0, 'accuracy': extra['eval_before']}
     try:
       if done:
         _say(f'resumed from {self.ckpt.directory} at step {done} ({stage})', writer)
@@ -229,15 +233,19 @@ class Trainer:
         extra['eval_before'] = ev.get('eval/accuracy', 0.0)
         if 'eval/evidence_mass' in ev:
           extra['eval_before_evidence_mass'] = ev['eval/evidence_mass']
+        points['before'] = eval_summary.point(ev, 0)
         writer.write(0, ev, stage='eval')
         _say(f'held-out accuracy before training: {ev["eval/accuracy"]:.3f} '
              f'(format {ev["eval/format"]:.3f}, {int(ev["eval/examples"])} examples, greedy)', writer)
         self.heatmaps(state.params, 0, 'step0_before', writer)
-      last, pending = {}, None
+      last, pending, periodic = {}, None, None   # periodic: (outer step, metrics) of the last train.eval_every eval
       t_prev = time.perf_counter()
       for outer in range(done + 1, total + 1):
         new_stage = self.stage_of(outer)
         if new_stage != stage:          # SFT -> RL: fresh RL optimizer, reference = the policy now
+          last = self._log(pending, writer) or last
+          pending = None
+          self._eval_after_sft(state.params, outer - 1, periodic, points, writer)
           state = self.new_state('rl', state.params)
           ref, self.ref_record = self.new_reference(state.params, self.reference_source(rl_from_start=False))
           stage = new_stage
@@ -260,7 +268,8 @@ class Trainer:
         m['time/step_wall'], t_prev = now - t_prev, now
         pending = (outer, stage, m)
         if run.loop.eval_every and outer % run.loop.eval_every == 0 and outer < total:
-          m.update(self.evaluate(state.params, outer))
+          periodic = (outer, self.evaluate(state.params, outer))
+          m.update(periodic[1])
         if run.loop.heatmap_every and outer % run.loop.heatmap_every == 0 and outer < total:
           self.heatmaps(state.params, outer, f'step{outer}', writer)
         signalled = _any_host(guard.requested)
@@ -279,22 +288,40 @@ class Trainer:
       ev = self.evaluate(state.params, total)
       if ev:
         writer.write(total, ev, stage='eval')
-        _say(f'held-out accuracy: before {extra.get("eval_before", float("nan")):.3f} -> after '
-             f'{ev["eval/accuracy"]:.3f} (format {ev["eval/format"]:.3f})', writer)
-        if 'eval/evidence_mass' in ev:
-          _say(f'held-out attention on the evidence (share of visual attention; uniform = '
-               f'{ev["eval/evidence_chance"]:.3f}): before {extra.get("eval_before_evidence_mass", float("nan")):.3f}'
-               f' -> after {ev["eval/evidence_mass"]:.3f}', writer)
+        points['after_rl' if run.loop.rl_steps else 'after_sft'] = eval_summary.point(ev, total)
+        self._report(points, writer)
         self.heatmaps(state.params, total, f'step{total}_after', writer)
       self.ckpt.wait()
       if run.loop.export_hf:
         self.export(state.params, writer)
       return {**last, **ev, 'eval_before': extra.get('eval_before', float('nan')),
-              'eval_before_evidence_mass': extra.get('eval_before_evidence_mass', float('nan'))}
+              'eval_before_evidence_mass': extra.get('eval_before_evidence_mass', float('nan')),
+              **eval_summary.flat(points)}
     finally:
       guard.close()
       writer.close()
       self.ckpt.close()
+
+  def _eval_after_sft(self, params, outer: int, periodic, points: Dict, writer) -> None:
+    """Records the 'after_sft' milestone at the SFT -> RL boundary (outer = the last SFT step), reusing that
+    step's periodic evaluation (train.eval_every; `periodic` = (step, metrics) of the last one) when it ran."""
+    if 'after_sft' in points or not self.eval_batches:
+      return
+    ev = periodic[1] if periodic is not None and periodic[0] == outer else None
+    if ev is None:
+      ev = self.evaluate(params, outer)
+      writer.write(outer, ev, stage='eval')
+    points['after_sft'] = eval_summary.point(ev, outer)
+    _say(f'held-out accuracy after SFT (step {outer}): {points["after_sft"]["accuracy"]:.3f}', writer)
+
+  def _report(self, points: Dict, writer) -> None:
+    """Prints the milestone table and writes <workdir>/eval_summary.json (process 0)."""
+    run = self.run_cfg
+    for line in eval_summary.table(points, run.algo if run.loop.rl_steps else ''):
+      _say(line, writer)
+    if jax.process_index() == 0:
+      eval_summary.write(self.workdir, points, algo=run.algo, lambda_attn=run.objective.ral.lambda_attn,
+                         sft_steps=run.loop.sft_steps, rl_steps=run.loop.rl_steps, seed=run.seed)
 
   def _log(self, pending, writer) -> Dict[str, float]:
     """Fetches and writes the metrics of a dispatched step (outer, stage, metrics) and reports skipped (non-finite)
