@@ -84,13 +84,16 @@ def rollout_flops(cfg, prompts: int, G: int, tp: int, new: int) -> float:
 
 
 class Utilization:
-  """Samples `nvidia-smi --query-gpu=utilization.gpu` (percent of time a kernel ran) in a thread."""
+  """Samples `nvidia-smi --query-gpu=utilization.gpu` (percent of time a kernel ran) in a thread, for the first GPU
+  this process sees (nvidia-smi numbers GPUs ignoring CUDA_VISIBLE_DEVICES: with CUDA_VISIBLE_DEVICES=1 the
+  process's GPU is nvidia-smi's 1)."""
 
   def __init__(self, period_ms: int = 50):
     self.samples, self.proc = [], None
+    gpu = (os.environ.get('CUDA_VISIBLE_DEVICES') or '0').split(',')[0].strip() or '0'
     try:
       self.proc = subprocess.Popen(['nvidia-smi', '--query-gpu=utilization.gpu', '--format=csv,noheader,nounits',
-                                    '-i', '0', f'-lms={period_ms}'], stdout=subprocess.PIPE, text=True)
+                                    '-i', gpu, f'-lms={period_ms}'], stdout=subprocess.PIPE, text=True)
     except (OSError, ValueError):
       return
     self.on = False
