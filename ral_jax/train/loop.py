@@ -317,8 +317,8 @@ class Trainer:
   def _report(self, points: Dict, writer) -> None:
     """Prints the milestone table and writes <workdir>/eval_summary.json (process 0)."""
     run = self.run_cfg
-    for line in eval_summary.table(points, run.algo if run.loop.rl_steps else ''):
-      _say(line, writer)
+    # one message, so that the progress bar is redrawn once, not between the table's lines
+    _say('\n'.join(eval_summary.table(points, run.algo if run.loop.rl_steps else '')), writer)
     if jax.process_index() == 0:
       eval_summary.write(self.workdir, points, algo=run.algo, lambda_attn=run.objective.ral.lambda_attn,
                          sft_steps=run.loop.sft_steps, rl_steps=run.loop.rl_steps, seed=run.seed)
