@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 import time
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags

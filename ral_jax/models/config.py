@@ -8,7 +8,7 @@ Field names follow transformers' `Qwen2_5_VLConfig` (text) and `Qwen2_5_VLVision
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')

@@ -8,7 +8,7 @@ Parameters are stored in `param_dtype`; matmuls run in `dtype` (the compute dtyp
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import flax
 import jax
