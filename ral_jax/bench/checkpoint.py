@@ -34,6 +34,8 @@ import resource
 import tempfile
 import time
 
+from ral_jax import bench
+
 
 def _state(args):
   import jax
@@ -143,10 +145,7 @@ def main(argv=None):
         del got
       ck.close()
   res['saves'] = saves
-  print(json.dumps(res, indent=1), flush=True)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(res, f, indent=1)
+  bench.report(res, args.out)
 
 
 if __name__ == '__main__':

@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from ral_jax import bench
+
 PEAK_FLOPS = 989e12
 
 
@@ -259,10 +261,7 @@ def main(argv=None):
     if t:
       res['ratios'][f'torch_{impl}_over_jax_record'] = t / res['jax_record']['step_s']
       res['ratios'][f'torch_{impl}_over_jax_no_record'] = t / base
-  print(json.dumps(res, indent=1))
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(res, f, indent=1)
+  bench.report(res, args.out)
 
 
 if __name__ == '__main__':

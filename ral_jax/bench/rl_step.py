@@ -47,6 +47,8 @@ import sys
 import threading
 import time
 
+from ral_jax import bench
+
 T_PROCESS = time.perf_counter()
 PEAK_FLOPS = 989e12
 
@@ -235,7 +237,7 @@ def run_jax(args, preset: str) -> dict:
   ctx = stages.Context(run=run, model_cfg=cfg, mesh=mesh, rules=rules, tokenizer=IdsAsText(), ids=ids)
   batch = _batch(args, cfg)
   util = Utilization()
-  times, per_step = [], []
+  per_step = []
   for i in range(args.steps):
     if i == 1:
       util.start()
@@ -305,7 +307,6 @@ def run_torch(args, preset: str) -> dict:
   import copy
   import numpy as np
   import torch
-  import torch.nn.functional as F
   import transformers
   from ral_jax.models.config import get_preset
   cfg = get_preset(preset)
@@ -351,7 +352,6 @@ def run_torch(args, preset: str) -> dict:
   grid = torch.tensor([[gt, gh, gw]] * args.prompts, device=dev)
   G, new, rows = args.G, args.new, args.prompts * args.G
   amp = torch.autocast(dev, dtype=torch.bfloat16)
-  vis_mask_prompt = (ids == cfg.video_token_id)
 
   def policy_rows(w, resp_start):
     """Head-averaged attention rows of the response positions, renormalised over earlier keys (method Eq. 2)."""
@@ -418,7 +418,6 @@ def run_torch(args, preset: str) -> dict:
     # Update: num_minibatches optimizer steps, micro-batch accumulation, gradient checkpointing.
     model.train()
     model.gradient_checkpointing_enable()
-    mb_rows = rows // args.minibatches
     for e in range(args.epochs):
       for mbi in range(args.minibatches):
         mb = torch.arange(mbi, rows, args.minibatches, device=dev)
@@ -540,10 +539,7 @@ def main(argv=None):
         ratios[spec.split(':', 1)[1]] = {k: r['phases'][k]['s'] / j['phases'][k]['s']
                                          for k in ('step', 'rollout', 'scoring', 'update')}
   results['torch_over_jax'] = ratios
-  print(json.dumps(results, indent=1), flush=True)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(results, f, indent=1)
+  bench.report(results, args.out)
 
 
 if __name__ == '__main__':
