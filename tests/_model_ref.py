@@ -99,12 +99,17 @@ def eq2_policy(attn, rows, mask):
   return out
 
 
-def random_params(cfg, seed=0, scale=0.05):
-  """Decoder params of `cfg` with numpy N(0, scale^2) entries (norm scales 1 + N(0, 0.1^2)); shapes from
-  jax.eval_shape of the real init, so no init program is compiled."""
+def random_params(cfg, seed=0, scale=0.05, vision=False):
+  """Decoder params of `cfg` (with vision=True: and the vision tower's) with numpy N(0, scale^2) entries (norm scales
+  1 + N(0, 0.1^2)); shapes from jax.eval_shape of the real init, so no init program is compiled."""
   import jax
   from ral_jax.models.vlm import init_params
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+  sample = None
+  if vision:
+    from ral_jax.models import vision_inputs
+    sample = (np.zeros((1, 16, cfg.vision.patch_dim), np.float32),
+              vision_inputs.build_vision_inputs_batch(np.array([[[1, 4, 4]]]), 16, cfg.vision))
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), sample))
   rng = np.random.default_rng(seed)
 
   def draw(path, s):

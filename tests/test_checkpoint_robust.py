@@ -10,10 +10,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ral_jax.models import hf_io, vision_inputs
+from ral_jax.models import hf_io
 from ral_jax.models.config import get_preset
 from ral_jax.models.safetensors_io import SafetensorsFile, write_safetensors
-from ral_jax.models.vlm import init_params
 from ral_jax.train import checkpoint as ckpt
 from ral_jax.train import optim
 from ral_jax.train.config import OptimConfig
@@ -134,12 +133,9 @@ def test_truncated_safetensors_names_file_and_tensor(tmp_path):
 
 
 def test_nan_in_an_hf_checkpoint_is_refused_at_load_naming_the_tensor(tmp_path):
+  from _model_ref import random_params
   cfg = get_preset('tiny')
-  pix = jnp.zeros((1, 16, cfg.vision.patch_dim))
-  meta = vision_inputs.build_vision_inputs_batch(np.array([[[1, 4, 4]]]), 16, cfg.vision)
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), (pix, meta)))   # no compile
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), shapes)
+  params = random_params(cfg, vision=True)
   hf_io.save_hf(jax.device_get(params), cfg, str(tmp_path))
   st = SafetensorsFile(str(tmp_path / 'model.safetensors'))
   name = next(n for n in st.keys() if n.endswith('layers.1.mlp.down_proj.weight'))

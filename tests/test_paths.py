@@ -112,16 +112,12 @@ def test_synthetic_data_in_a_bucket_reads_back_like_local(gcs, tmp_path):
 
 def test_hf_export_and_checkpoint_peek_in_a_bucket(gcs, tmp_path):
   from ral_jax.data import tokenizer
-  from ral_jax.models import hf_io, vision_inputs
+  from _model_ref import random_params
+  from ral_jax.models import hf_io
   from ral_jax.models.config import get_preset
-  from ral_jax.models.vlm import init_params
   from ral_jax.train import checkpoint, loop
   cfg = get_preset('tiny')
-  pix = jnp.zeros((1, 16, cfg.vision.patch_dim))
-  meta = vision_inputs.build_vision_inputs_batch(np.array([[[1, 4, 4]]]), 16, cfg.vision)
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), (pix, meta)))   # no compile
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), shapes)
+  params = random_params(cfg, vision=True)
   out = paths.join(gcs, 'hf_export')
   loop.export_policy(params, cfg, tokenizer.EMBEDDED_DIR, out)
   names = paths.listdir(out)
