@@ -221,18 +221,16 @@ class Trainer:
       return {'already_complete': 1.0}
     writer = metrics_lib.MetricsWriter(self.workdir, total, done, drop_after=done)
     guard = ckpt_lib.PreemptionGuard()
-    extra = {k: meta[k] for k in ('eval_before', 'eval_before_evidence_mass', 'eval_points') if k in meta}
-    points = extra.setdefault('eval_points', {})   # milestone -> eval_summary.point (saved in the checkpoint meta)
-    if 'eval_before' in extra and 'before' not in points:   # a checkpoint written before eval_points existed
-      points['before'] = {'step': 0, 'accuracy': extra['eval_before']}
+    points = dict(meta.get('eval_points') or {})   # milestone -> eval_summary.point (saved in the checkpoint meta)
+    extra = {'eval_points': points}
+    if 'eval_before' in meta and 'before' not in points:   # a checkpoint written before eval_points existed
+      points['before'] = eval_summary.point({'eval/accuracy': meta['eval_before'], **(
+          {'eval/evidence_mass': meta['eval_before_evidence_mass']} if 'eval_before_evidence_mass' in meta else {})}, 0)
     try:
       if done:
         _say(f'resumed from {self.ckpt.directory} at step {done} ({stage})', writer)
-      if 'eval_before' not in extra and self.eval_batches:
+      if 'before' not in points and self.eval_batches:
         ev = self.evaluate(state.params, 0)
-        extra['eval_before'] = ev.get('eval/accuracy', 0.0)
-        if 'eval/evidence_mass' in ev:
-          extra['eval_before_evidence_mass'] = ev['eval/evidence_mass']
         points['before'] = eval_summary.point(ev, 0)
         writer.write(0, ev, stage='eval')
         _say(f'held-out accuracy before training: {ev["eval/accuracy"]:.3f} '
@@ -294,9 +292,8 @@ class Trainer:
       self.ckpt.wait()
       if run.loop.export_hf:
         self.export(state.params, writer)
-      return {**last, **ev, 'eval_before': extra.get('eval_before', float('nan')),
-              'eval_before_evidence_mass': extra.get('eval_before_evidence_mass', float('nan')),
-              **eval_summary.flat(points)}
+      return {**last, **ev, 'eval_before': float('nan'), 'eval_before_evidence_mass': float('nan'),
+              **eval_summary.flat(points)}   # flat: eval_before[_evidence_mass], eval_after_sft, ... where measured
     finally:
       guard.close()
       writer.close()
