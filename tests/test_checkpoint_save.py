@@ -1,9 +1,8 @@
 """What a checkpoint save costs the loop, kept exact: the host-snapshot save (a pinned host copy, Orbax in a
 background thread) restores the values the state had when `save` was called although the next step donates and
-overwrites the state at once; its errors surface in `wait`; `wait` says it is still finalizing; the reference's
-checksum is exact on any mesh; the trainer re-derives the reference at restore (RL from the initial parameters)
-or holds none (beta = 0), and refuses a changed source."""
-import json
+overwrites the state at once, also after `prepare` warmed its pinned host memory; its errors surface in `wait`;
+`wait` says it is still finalizing; the reference's checksum is exact on any mesh; the trainer re-derives the
+reference at restore (RL from the initial parameters) or holds none (beta = 0), and refuses a changed source."""
 import os
 
 import jax
@@ -61,6 +60,54 @@ def test_save_restores_the_values_at_save_time_although_the_state_is_donated_nex
   assert meta['stage'] == 'rl'
 
 
+def _pinned_alive():
+  return {id(x) for x in jax.live_arrays() if x.sharding.memory_kind == 'pinned_host'}
+
+
+@pytest.mark.parametrize('abstract_then_save_at_once', [False, True])
+def test_prepare_warms_pinned_host_memory_and_the_save_stays_exact(tmp_path, abstract_then_save_at_once):
+  """The warm-up's real path (CPU has a pinned_host memory space; host_warmup=True forces what is automatic on
+  GPU): it allocates the snapshot's leaves and frees them, compiles the finite check ahead, and a save right after
+  it (also one that does not wait for it first) restores the values at save time."""
+  state = _state()
+  ref = jax.tree.map(lambda x: x * 2, state.params)
+  want = [np.asarray(x) for x in jax.tree.leaves((state, ref))]
+  before = _pinned_alive()
+  ck = ckpt.Checkpointer(str(tmp_path), 1, 2, async_save=True, host_snapshot=True, host_warmup=True)
+  arg = (ckpt.abstract_like(state), ckpt.abstract_like(ref)) if abstract_then_save_at_once else (state, ref)
+  warm = ck.prepare(*arg)
+  assert warm is not None
+  if not abstract_then_save_at_once:
+    out = warm.result()
+    assert 'error' not in out
+    assert out['leaves'] == len(jax.tree.leaves((state, ref)))
+    assert out['bytes'] == sum(x.nbytes for x in jax.tree.leaves((state, ref)))
+    assert _pinned_alive() <= before                   # every warm-up buffer freed again
+    n_jit = ckpt._all_finite._cache_size()
+    assert ckpt.params_finite(state.params)            # the program compiled ahead, not the jitted one
+    bad = jax.tree.map(lambda x: x, state.params)
+    bad['params']['model']['b'] = bad['params']['model']['b'].at[3].set(jnp.nan)
+    assert not ckpt.params_finite(bad)
+    assert ckpt._all_finite._cache_size() == n_jit
+  assert ck.save(1, state, {'outer_step': 1, 'stage': 'rl'}, ref=ref)
+  state, ref = _bump((state, ref))
+  ck.wait(progress_every=0)
+  ck.close()
+  ck = ckpt.Checkpointer(str(tmp_path), 1, 2)
+  got, got_ref, _ = ck.restore(1, state, ref_like=ref)
+  ck.close()
+  for a, b in zip(jax.tree.leaves((got, got_ref)), want):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_prepare_does_nothing_without_a_host_snapshot_nor_by_default_on_cpu(tmp_path):
+  state = _state()
+  for kw in ({'host_snapshot': False, 'host_warmup': True}, {'host_snapshot': True}):
+    ck = ckpt.Checkpointer(str(tmp_path / str(len(kw))), 1, 2, async_save=True, **kw)
+    assert not ck.host_warmup and ck.prepare(state) is None
+    ck.close()
+
+
 def test_an_error_of_a_background_save_is_raised_by_wait(tmp_path):
   ck = ckpt.Checkpointer(str(tmp_path), 1, 2, async_save=True, host_snapshot=True)
   assert ck.save(1, _state(), {'outer_step': 1}, ref={'x': object()})   # Orbax refuses it in the save thread
@@ -116,17 +163,24 @@ def _rl_only(beta, seed=0):
   return c
 
 
-def _train(tmp_path_factory, beta):
+def _train(tmp_path_factory, beta, warm=False):
+  """One RL step and its checkpoint; warm: an async host-snapshot save, the checkpointer's warm-up forced on
+  (automatic on GPU only)."""
   from ral_jax.train import loop
   wd = str(tmp_path_factory.mktemp(f'rl_only_beta{beta}'))
-  loop.Trainer(_rl_only(beta), wd).run()
+  c = _rl_only(beta)
+  c.checkpoint.async_save = warm
+  t = loop.Trainer(c, wd)
+  t.ckpt.host_warmup, compiled = warm, len(ckpt._finite_compiled)
+  t.run()
+  assert len(ckpt._finite_compiled) == compiled + warm        # the trainer's prepare() ran (or did nothing)
   return wd
 
 
 def test_rl_from_the_initial_parameters_saves_no_reference_and_restores_it_exactly(tmp_path_factory):
   import orbax.checkpoint as ocp
   from ral_jax.train import build, loop, run_setup
-  wd = _train(tmp_path_factory, 0.04)
+  wd = _train(tmp_path_factory, 0.04, warm=True)
   step_dir = os.path.join(wd, 'checkpoints', '1')
   assert not os.path.exists(os.path.join(step_dir, 'ref'))
   t = loop.Trainer(_rl_only(0.04), wd)

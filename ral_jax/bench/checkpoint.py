@@ -3,6 +3,7 @@
   python -m ral_jax.bench.checkpoint --saves=3 --dir=/tmp             # the 3B RL state, one GPU
   python -m ral_jax.bench.checkpoint --layers=2 --vision_depth=2 --vocab=32768 --saves=3   # 3B shrunk: ~3 GB, CPU
   ... --snapshot=0 --ref=always                                       # the behaviour before host snapshots
+  python -m ral_jax.bench.checkpoint --saves=2 --dir=/tmp --warm=both  # first save without and with the warm-up
 
 The state is built by the trainer's own constructors (train/build: `init_model_params` with random per-leaf init,
 `create_state` with the RL optimizer, `reference_of`) on a one-device mesh, and saved by the trainer's
@@ -22,7 +23,20 @@ Per save:
   host_peak_rss_gb the process's peak resident host memory so far (the host copies of a save live there)
 and restored_exact: the last save, restored onto the state's shardings, has the checksum (`tree_checksum`) the
 state had when `save` was called (the update after the save changes every value, so a save that read the buffers
-after the update would fail it). The first save may pay one-time costs (compiles, first pinned allocations).
+after the update would fail it). The first save of a process may pay one-time costs (the first pinned host
+allocations, Orbax's set-up).
+
+`--warm=1` (the default, as the trainer does) calls `Checkpointer.prepare` before the first save, the way the loop
+calls it when the state exists (here also on CPU, where the loop skips it), and runs donating updates while it
+works:
+  warm             prepare's result: leaves, bytes, seconds of the pinned allocation, compile_s of the finite check,
+                   wall_s until done
+  warm_steps       the updates run meanwhile: count, mean_s and max_s (against step_alone_s: what the warm-up
+                   costs a loop that keeps stepping)
+`--warm=0` measures without it. `--warm=both` runs the benchmark twice, each in its own process (the pinned pool
+is per process), cold then warm, and reports both under 'cold' and 'warm' with their first saves' hold side by
+side ('first_save_hold_s'). finite_first_s: the first `params_finite` on the parameters (its compilation unless
+the warm-up compiled it ahead).
 Prints one JSON object (bytes per item, versions, device, the saves); the same goes to $OUT/bench_checkpoint.json.
 """
 from __future__ import annotations
@@ -31,6 +45,8 @@ import argparse
 import json
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -90,8 +106,13 @@ def main(argv=None):
   ap.add_argument('--saves', type=int, default=2)
   ap.add_argument('--verify', type=int, default=1, help='1: restore the last save and compare its checksum')
   ap.add_argument('--dir', default='', help='where the checkpoints go (default: a temp dir; one save at a time: 40 GB at 3B, 52 GB with the reference)')
+  ap.add_argument('--warm', default='1', choices=('0', '1', 'both'),
+                  help="1: Checkpointer.prepare before the first save (as the trainer); 0: without; both: each in "
+                  "its own process")
   ap.add_argument('--out', default=os.path.join(os.environ.get('OUT', '.'), 'bench_checkpoint.json'))
   args = ap.parse_args(argv)
+  if args.warm == 'both':
+    return _both(args, argv if argv is not None else sys.argv[1:])
 
   import jax
   from importlib import metadata
@@ -114,8 +135,26 @@ def main(argv=None):
   state = jax.block_until_ready(touch(state))
   res['step_alone_s'] = time.perf_counter() - t
 
-  ckpt_lib.params_finite(state.params)        # compiled once, as in the loop (which checks before it saves)
   kw = {} if args.snapshot == 'auto' else {'host_snapshot': bool(int(args.snapshot))}
+  with_ref_of = lambda: with_ref if with_ref is not None else ckpt_lib.reference_source(args.beta, True) == 'saved'
+  res['warm_requested'] = args.warm == '1'
+  if args.warm == '1':   # as the loop: prepare() once the state exists, while the loop goes on stepping
+    with tempfile.TemporaryDirectory(dir=args.dir or None) as d:
+      ck = ckpt_lib.Checkpointer(d, 1, 1, True, host_warmup=True, **kw)   # also on CPU, where the loop skips it
+      t = time.perf_counter()
+      warm = ck.prepare(state, ref if with_ref_of() else None)
+      steps = []
+      while warm is not None and not warm.done():
+        t1 = time.perf_counter()
+        state = jax.block_until_ready(touch(state))
+        steps.append(time.perf_counter() - t1)
+      res['warm'] = None if warm is None else dict(warm.result(), wall_s=time.perf_counter() - t)
+      res['warm_steps'] = {'count': len(steps), 'mean_s': sum(steps) / len(steps) if steps else None,
+                           'max_s': max(steps, default=None)}
+      ck.close()
+  t = time.perf_counter()
+  ckpt_lib.params_finite(state.params)        # compiled once, as in the loop (which checks before it saves)
+  res['finite_first_s'] = time.perf_counter() - t
   saves = []
   for i in range(1, args.saves + 1):   # each save in its own directory, deleted after it (one on disk at a time)
     with tempfile.TemporaryDirectory(dir=args.dir or None) as d:
@@ -123,7 +162,7 @@ def main(argv=None):
       res['host_snapshot'] = ck.host_snapshot
       res['ref_source'] = ckpt_lib.reference_source(args.beta, rl_from_start=True)   # as the RL-only headline run
       meta = {'outer_step': i, 'stage': 'rl', 'data_state': {'rl': {'next_index': i}}}
-      r = ref if (with_ref if with_ref is not None else res['ref_source'] == 'saved') else None
+      r = ref if with_ref_of() else None
       expect = ckpt_lib.tree_checksum(state)
       t = time.perf_counter()
       ck.save(i, state, meta, ref=r)
@@ -146,6 +185,29 @@ def main(argv=None):
       ck.close()
   res['saves'] = saves
   bench.report(res, args.out)
+  return res
+
+
+def _both(args, argv) -> dict:
+  """--warm=both: the benchmark without, then with the warm-up, each in a fresh process."""
+  rest, skip = [], False
+  for a in argv:                       # all arguments but --warm and --out (as --k=v or --k v)
+    if skip or a.split('=')[0] in ('--warm', '--out'):
+      skip = not skip and '=' not in a
+      continue
+    rest.append(a)
+  res = {}
+  with tempfile.TemporaryDirectory() as d:
+    for name, warm in (('cold', '0'), ('warm', '1')):
+      out = os.path.join(d, f'{name}.json')
+      print(f'--- {name}: --warm={warm}', flush=True)
+      subprocess.run([sys.executable, '-m', 'ral_jax.bench.checkpoint', *rest, f'--warm={warm}', f'--out={out}'],
+                     check=True)
+      with open(out) as f:
+        res[name] = json.load(f)
+  res['first_save_hold_s'] = {k: res[k]['saves'][0]['hold_s'] for k in ('cold', 'warm')}
+  bench.report(res, args.out)
+  return res
 
 
 if __name__ == '__main__':

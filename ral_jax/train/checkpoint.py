@@ -13,10 +13,14 @@ memory before it returns, and the next step donates the state's buffers, so the 
 step. With `host_snapshot` (the default for an async save in one process) `save` only starts a copy of the arrays
 into pinned host memory (`jax.device_put`, asynchronous; the runtime orders it before the next step reuses the
 donated buffers) and hands that copy to Orbax in a background thread: the loop goes on at once, and the device
-waits only while its buffers are still being copied out. The reference is not saved at all where the run can
-re-derive it exactly: with beta = 0 there is none, and an RL stage that starts from the run's initial parameters
-(no SFT steps) re-derives it at restore from them (HF checkpoint, seed or init_checkpoint); its checksum
-(`tree_checksum`, exact on any mesh) is saved and checked, so a changed source stops the restore with a message.
+waits only while its buffers are still being copied out. `Checkpointer.prepare`, called by the trainer once the
+state exists, pays the first save's one-time costs (the pinned host allocations, the finite check's compilation)
+in the background beforehand.
+
+The reference is not saved at all where the run can re-derive it exactly: with beta = 0 there is none, and an RL
+stage that starts from the run's initial parameters (no SFT steps) re-derives it at restore from them (HF
+checkpoint, seed or init_checkpoint); its checksum (`tree_checksum`, exact on any mesh) is saved and checked, so a
+changed source stops the restore with a message.
 
 Resume (`restore_newest_intact`) tries the steps newest first. A step that cannot be restored (an empty or
 foreign directory, garbage or truncated or zeroed data files, `meta` removed, a non-finite tensor) is skipped with
@@ -35,6 +39,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -43,10 +48,31 @@ from ral_jax.train.state import all_finite
 
 
 _all_finite = jax.jit(all_finite)   # one program per tree (eagerly, one small program per leaf shape: seconds at 3B)
+_finite_compiled: dict = {}         # (treedef, leaf shapes/dtypes/shardings) -> `_all_finite` compiled ahead
+
+
+def _layout_key(tree):
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, 'sharding', None)) for x in leaves)
+
+
+def precompile_finite(params_like) -> None:
+  """Compiles the finite check for a parameter tree of this layout (arrays or ShapeDtypeStructs with shardings)
+  ahead of the first `params_finite` call (`Checkpointer.prepare` does it off the loop's thread): a jitted
+  function's own cache is not filled by `.lower().compile()`, so the compiled program is kept here."""
+  key = _layout_key(params_like)
+  if key not in _finite_compiled:
+    _finite_compiled[key] = _all_finite.lower(params_like).compile()
 
 
 def params_finite(params) -> bool:
   """Whether every floating leaf is finite: one jitted program, one host sync."""
+  compiled = _finite_compiled.get(_layout_key(params)) if _finite_compiled else None
+  if compiled is not None:
+    try:
+      return bool(compiled(params))
+    except (TypeError, ValueError):   # an argument the ahead-of-time program does not take: the jitted check
+      pass
   return bool(_all_finite(params))
 
 
@@ -90,6 +116,42 @@ def _has_pinned_host(tree) -> bool:
     return False
   dev = next(iter(leaves[0].sharding.device_set))
   return any(m.kind == 'pinned_host' for m in dev.addressable_memories())
+
+
+def _pinned(sharding) -> Optional[jax.sharding.Sharding]:
+  """`sharding` in pinned host memory, or None where its devices have no such memory."""
+  if sharding is None:
+    return None
+  dev = next(iter(sharding.device_set))
+  if not any(m.kind == 'pinned_host' for m in dev.addressable_memories()):
+    return None
+  return sharding.with_memory_kind('pinned_host')
+
+
+def warm_pinned_host(trees) -> dict:
+  """Allocates pinned host buffers of every array leaf's size and sharding (the same sizes, in the same order, as a
+  `host_copy` of each tree in turn), waits for them, and frees them. Takes arrays or ShapeDtypeStructs with
+  shardings and never touches device memory: the buffers are filled from host zeros (`np.zeros`: untouched pages,
+  no resident memory of their own). What it buys is the allocation itself, see `Checkpointer.prepare`."""
+  t0 = time.perf_counter()
+  held, nbytes, n = [], 0, 0
+  for tree in trees:
+    srcs, dsts = [], []
+    for x in jax.tree.leaves(tree):
+      dst = _pinned(getattr(x, 'sharding', None))
+      if dst is None or jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+        continue
+      srcs.append(np.zeros(x.shape, x.dtype))
+      dsts.append(dst)
+    if srcs:   # one batched transfer per tree, as host_copy; may_alias=False: always a new buffer (no zero-copy view)
+      held.extend(jax.device_put(srcs, dsts, may_alias=False))
+    n += len(srcs)
+    nbytes += sum(z.nbytes for z in srcs)
+    del srcs
+  jax.block_until_ready(held)
+  for x in held:
+    x.delete()
+  return {'leaves': n, 'bytes': nbytes, 'seconds': time.perf_counter() - t0}
 
 
 def host_copy(tree):
@@ -195,10 +257,13 @@ class Checkpointer:
   host_snapshot (None: on for an async save in a one-process run where the devices have pinned host memory):
   `save` starts a host copy of the arrays (`host_copy`) and runs Orbax's save of that copy in a background
   thread, so the loop does not wait for the device-to-host transfer. Multi-process runs save from the main thread
-  (Orbax's save takes part in cross-process barriers, which must run in the same order on every process)."""
+  (Orbax's save takes part in cross-process barriers, which must run in the same order on every process).
+
+  host_warmup (None: on with host_snapshot, except on CPU, where pinned host memory is ordinary memory): whether
+  `prepare` warms the pinned host memory the first save needs (see `prepare`)."""
 
   def __init__(self, workdir: str, every: int, keep: int, async_save: bool = True,
-               host_snapshot: Optional[bool] = None):
+               host_snapshot: Optional[bool] = None, host_warmup: Optional[bool] = None):
     self.directory = paths.abspath(paths.join(workdir, 'checkpoints'))
     self.every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
@@ -212,6 +277,63 @@ class Checkpointer:
     self.host_snapshot = host_snapshot
     self._worker = concurrent.futures.ThreadPoolExecutor(1, 'ckpt') if host_snapshot else None
     self._pending: Optional[tuple[int, concurrent.futures.Future]] = None
+    if host_warmup is None:
+      host_warmup = jax.default_backend() != 'cpu'
+    self.host_warmup = bool(host_snapshot and host_warmup)
+    self._warm: Optional[concurrent.futures.Future] = None
+
+  def prepare(self, state, ref=None) -> Optional[concurrent.futures.Future]:
+    """Pays, in a background thread, the one-time costs of the first host-snapshot save of `state` (and `ref`, if
+    it will be saved with it): arrays or ShapeDtypeStructs with shardings; only their layout is read, here.
+    Call it as soon as the state exists, so it overlaps the first step's compilation. Returns the background
+    work's future (its result: leaves, bytes, seconds), or None where there is nothing to warm (no host snapshot,
+    no pinned host memory, CPU unless host_warmup=True). Failures are logged, never raised: the first save then
+    pays the costs itself. A save that comes before the warm-up is done waits for it, then proceeds.
+
+    The costs: (1) the finite check's compilation for this parameter layout (`precompile_finite`); (2) the pinned
+    host memory of the snapshot. On GPU the runtime allocates pinned memory from a pool (XLA's host BFC allocator,
+    on demand up to its limit, `XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`, 64 GiB by default): the first snapshot grows
+    the pool with page-locked allocations (cudaHostAlloc), later ones reuse the freed memory (at 3B on one H200
+    the first save held the loop 40.4 s, the second 0.97 s). So the warm-up allocates buffers of the snapshot's sizes and shardings, in
+    the order `save` allocates them, and frees them at once (`warm_pinned_host`): the pool then holds what the
+    first save needs. Freed rather than kept: JAX cannot copy into an existing array, so kept buffers could not
+    serve as the snapshot's destination; they would only double the pinned memory. The pool keeps the memory
+    page-locked for the process's life, as the first save makes it do anyway. No device memory is used (the
+    buffers are filled from host zeros); the thread holds the GIL only to trace the finite check and to list the
+    leaves, and waits for the runtime without it."""
+    if not (self.host_warmup and self.host_snapshot):
+      return None
+    trees = [abstract_like(state)] + ([abstract_like(ref)] if ref is not None else [])
+    if not any(_pinned(getattr(x, 'sharding', None)) for x in jax.tree.leaves(trees)):
+      return None
+    params_like = getattr(trees[0], 'params', None)
+    # one worker thread: an earlier warm-up (or a save's hand-off to Orbax) finishes first, so joining this one
+    # joins them all
+    self._warm = self._worker.submit(self._warm_up, trees, params_like)
+    return self._warm
+
+  @staticmethod
+  def _warm_up(trees, params_like) -> dict:
+    t0 = time.perf_counter()
+    if params_like is not None:
+      try:
+        precompile_finite(params_like)
+      except Exception as e:  # noqa: BLE001 - the first save compiles it then
+        logging.warning('checkpoint warm-up: compiling the finite check failed: %s', _short(e))
+    compile_s = time.perf_counter() - t0
+    try:
+      out = warm_pinned_host(trees)
+    except Exception as e:  # noqa: BLE001 - e.g. out of pinned host memory: the first save allocates it then
+      logging.warning('checkpoint warm-up: allocating pinned host memory failed: %s', _short(e))
+      out = {'leaves': 0, 'bytes': 0, 'seconds': 0.0, 'error': _short(e)}
+    out['compile_s'] = compile_s
+    logging.info('checkpoint warm-up: %s', out)
+    return out
+
+  def _join_warm(self) -> None:
+    warm, self._warm = self._warm, None
+    if warm is not None:
+      warm.result()      # _warm_up logs its failures and does not raise
 
   def latest_step(self) -> Optional[int]:
     self._join_pending()
@@ -222,7 +344,9 @@ class Checkpointer:
 
   def save(self, outer_step: int, state, meta: dict, ref=None, force: bool = False) -> bool:
     """Saves (asynchronously) unless parameters are non-finite; returns whether a save started. With host_snapshot
-    it returns once the host copy is started; an error of that save is raised by the next `save` or `wait`."""
+    it returns once the host copy is started; an error of that save is raised by the next `save` or `wait`. A
+    `prepare` still running is waited for first."""
+    self._join_warm()
     if not params_finite(state.params):
       logging.error('step %d: non-finite parameters, checkpoint NOT saved', outer_step)
       return False
@@ -353,6 +477,7 @@ class Checkpointer:
 
   def close(self):
     try:
+      self._join_warm()
       self._join_pending()
     finally:
       self.manager.wait_until_finished()

@@ -196,6 +196,11 @@ class Trainer:
       saved_ref = ref if self.ref_record['source'] == 'saved' else None   # else re-derived at restore
     self.ckpt.save(outer, state, meta, ref=saved_ref, force=force)
 
+  def _prepare_saves(self, stage: str, state, ref) -> None:
+    """Starts the checkpointer's warm-up for what `_save` will save (`Checkpointer.prepare`)."""
+    saved_ref = ref if stage == 'rl' and (self.ref_record or {}).get('source') == 'saved' else None
+    self.ckpt.prepare(state, saved_ref)
+
   def evaluate(self, params, outer: int) -> Dict[str, float]:
     if not self.eval_batches:
       return {}
@@ -219,6 +224,7 @@ class Trainer:
     if already_done(done, total, self.workdir, run.loop.export_hf):
       self.ckpt.close()
       return {'already_complete': 1.0}
+    self._prepare_saves(stage, state, ref)   # the first save's one-time costs, in the background from here
     writer = metrics_lib.MetricsWriter(self.workdir, total, done, drop_after=done)
     guard = ckpt_lib.PreemptionGuard()
     points = dict(meta.get('eval_points') or {})   # milestone -> eval_summary.point (saved in the checkpoint meta)
@@ -247,6 +253,8 @@ class Trainer:
           state = self.new_state('rl', state.params)
           ref, self.ref_record = self.new_reference(state.params, self.reference_source(rl_from_start=False))
           stage = new_stage
+          if ref is not None:           # RL checkpoints hold the reference too: a larger snapshot
+            self._prepare_saves(stage, state, ref)
         if stage == 'rl' and outer == run.loop.sft_steps + 1:
           _say(f'step {outer}: RL stage ({run.algo}, lambda_attn={run.objective.ral.lambda_attn}, '
                f'G={run.rl.group_size}, {run.rl.updates_per_rollout} updates per rollout)', writer)
