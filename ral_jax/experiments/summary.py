@@ -87,6 +87,14 @@ def markdown_table(summary: Mapping[str, Mapping], arm_order: Sequence[str]) -> 
 def _panel(ax, records, arm_order, key, title) -> bool:
   drawn = False
   for arm in arm_order:
+    colour = f'C{list(arm_order).index(arm) % 10}'     # one colour per arm in every panel
+    if arm == 'sft':    # the shared starting point: its final value as a level line (its curve is over SFT steps)
+      finals = [r.get('final', {}).get(key) for r in records if r['arm'] == arm]
+      finals = [v for v in finals if v is not None]
+      if finals:
+        ax.axhline(sum(finals) / len(finals), color=colour, ls='--', lw=1, label=f'{arm} checkpoint')
+        drawn = True
+      continue
     series = [dict((int(s), v) for s, v in r.get('curves', {}).get(key, [])) for r in records if r['arm'] == arm]
     series = [s for s in series if s]
     if not series:
@@ -96,7 +104,6 @@ def _panel(ax, records, arm_order, key, title) -> bool:
       continue
     vals = [[s[k] for s in series] for k in steps]
     mean = [sum(v) / len(v) for v in vals]
-    colour = f'C{list(arm_order).index(arm) % 10}'     # one colour per arm in every panel
     ax.plot(steps, mean, marker='o' if len(steps) < 12 else None, ms=3, color=colour,
             label=f'{arm} (n={len(series)})')
     if len(series) > 1:
@@ -112,7 +119,7 @@ def _panel(ax, records, arm_order, key, title) -> bool:
 
 def plot_curves(records: Sequence[Mapping], arm_order: Sequence[str], out_dir: str) -> List[str]:
   """One PNG per curve and all of them in curves.png: mean over seeds per arm against the RL step (shaded:
-  min..max over seeds)."""
+  min..max over seeds); the `sft` arm (no RL steps) is a dashed level line at its final value."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
