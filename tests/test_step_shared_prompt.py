@@ -18,16 +18,17 @@ PROMPT_LENS = [10, 8, 9]           # a different left padding per group
 RESP_LENS = [6, 3, 5, 1, 6, 4]     # right-padded responses, one per row b*G + g
 
 
-def _problem(seed=0):
+def _problem(seed=0, prompt_lens=PROMPT_LENS, resp_lens=RESP_LENS):
   cfg = tiny_cfg()
-  ids, mask, pos = padded_batch(cfg, PROMPT_LENS, TP, seed=seed)
-  for b, n in enumerate(PROMPT_LENS):          # slots 2..5 of each prompt are an image (M-RoPE block of padded_batch)
+  B = len(prompt_lens)
+  ids, mask, pos = padded_batch(cfg, prompt_lens, TP, seed=seed)
+  for b, n in enumerate(prompt_lens):          # slots 2..5 of each prompt are an image (M-RoPE block of padded_batch)
     ids[b, TP - n + 2:TP - n + 6] = cfg.image_token_id
   rng = np.random.default_rng(seed + 1)
   vis = rng.normal(size=(B, NV, cfg.hidden_size)).astype(np.float32)
   R = B * G
   r_ids = rng.integers(0, cfg.vocab_size - 20, (R, TR)).astype(np.int32)
-  r_mask = (np.arange(TR)[None] < np.array(RESP_LENS)[:, None]).astype(np.int32)
+  r_mask = (np.arange(TR)[None] < np.array(resp_lens)[:, None]).astype(np.int32)
   nxt = np.repeat(pos.max(axis=(0, 2)) + 1, G)                                      # [R]
   r_pos = np.broadcast_to((nxt[:, None] + np.arange(TR)[None])[None], (3, R, TR)).astype(np.int32)
   return cfg, dict(ids=ids, mask=mask, pos=pos, vis=vis, r_ids=r_ids, r_mask=r_mask, r_pos=r_pos)
@@ -112,3 +113,91 @@ def test_gradients_equal_full_forward(problem):
                                err_msg=jax.tree_util.keystr(path))
   emb = np.asarray(g_full['model']['embed_tokens']['embedding'])
   assert np.abs(emb).max() > 0
+
+
+# ---- the trainer's step functions (train/step.py) -------------------------------------------------------------------
+
+STEP_PROMPTS = [10, 8, 9, 7]                       # 4 groups: 2 mini-batches x 2 micro-batches of one group each
+STEP_RESP = [6, 3, 5, 1, 6, 4, 2, 6]
+
+
+@pytest.fixture(scope='module')
+def step_problem():
+  from ral_jax.train.inputs import sequence_inputs
+  cfg, d = _problem(seed=11, prompt_lens=STEP_PROMPTS, resp_lens=STEP_RESP)
+  cfg = cfg.replace(remat_policy='nothing_saveable')
+  x = sequence_inputs(jnp.asarray(d['ids']), jnp.asarray(d['mask']), jnp.asarray(d['pos']), jnp.asarray(d['r_ids']),
+                      jnp.asarray(d['r_mask']), jnp.asarray(d['vis']), repeats=G)
+  params = random_params(cfg, seed=5)
+  ref = jax.tree.map(lambda a: a * 1.01, params)
+  return cfg, x, jnp.asarray(d['r_ids']), jnp.asarray(d['r_mask']), params, ref
+
+
+def _sc(cfg, share: bool):
+  from ral_jax.rl.config import ObjectiveConfig
+  from ral_jax.train.step import StepConfig
+  return StepConfig(model_cfg=cfg, objective=ObjectiveConfig(), num_minibatches=2, micro_batches=2,
+                    score_micro_batches=2, share_prompt=share, group_size=G)
+
+
+def test_score_and_update_equal_the_full_forward(step_problem):
+  """Same whole-group splits; share_prompt only changes how the forward is computed: same scores, same update."""
+  import optax
+  from ral_jax.rl.objective import RLBatch
+  from ral_jax.train import step as ts
+  from ral_jax.train.state import TrainState
+  cfg, x, r_ids, r_mask, params, ref = step_problem
+  tx = optax.sgd(0.5)
+  adv = jnp.asarray(np.random.default_rng(2).normal(size=r_ids.shape[0]), jnp.float32)
+  res = {}
+  for share in (False, True):
+    sc = _sc(cfg, share)
+    old_lp, old_pol, ref_lp = jax.jit(lambda p, r: ts.score(sc, p, r, x, r_ids, need_ref=True))(params, ref)
+    batch = RLBatch(response_ids=r_ids, response_mask=r_mask, advantages=adv, old_logprobs=old_lp,
+                    ref_logprobs=ref_lp, old_policy=old_pol, key_mask=x.attention_mask)
+    state = TrainState.create(params, tx, jax.random.PRNGKey(0))
+    state, metrics = jax.jit(lambda s, b: ts.rl_update(sc, tx, s, x, b))(state, batch)
+    res[share] = (old_lp, old_pol, ref_lp, state.params, metrics)
+  (lp0, pol0, ref0, p0, m0), (lp1, pol1, ref1, p1, m1) = res[False], res[True]
+  for a, b in ((lp0, lp1), (pol0, pol1), (ref0, ref1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+  assert float(m0['skipped']) == 0 and abs(float(m0['last/ral/jsd'])) > 0   # 2nd step: p_theta != p_old
+  for k in m0:
+    np.testing.assert_allclose(float(m1[k]), float(m0[k]), atol=1e-5, rtol=1e-4, err_msg=k)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), p0, params)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p0), jax.tree.leaves(p1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_group_split_keeps_whole_groups_and_inverts():
+  from ral_jax.train.step import merge_rows, split_rows
+  x = jnp.arange(24).reshape(12, 2)                 # 6 groups of 2 rows
+  s = split_rows(x, 3, group=2)
+  assert s.shape == (3, 4, 2)
+  np.testing.assert_array_equal(s[1][:, 0] // 2, [2, 3, 8, 9])   # groups 1 and 4 (b mod 3 == 1), rows b*G + g
+  np.testing.assert_array_equal(merge_rows(s, group=2), x)
+  np.testing.assert_array_equal(split_rows(x, 3), split_rows(x, 3, group=1))
+  with pytest.raises(ValueError, match='rl.num_minibatches'):
+    split_rows(x, 4, group=2, knob='rl.num_minibatches')     # 6 groups into 4 slices
+
+
+def test_config_errors_name_the_knob():
+  from configs import video
+  from ral_jax.train import config as rc
+  from ral_jax.train.config import RLConfig
+  with pytest.raises(ValueError, match='rl.num_minibatches = 4'):
+    RLConfig(prompts_per_batch=2, group_size=8, num_minibatches=4, share_prompt=True)
+  with pytest.raises(ValueError, match='rl.num_minibatches \\* rl.micro_batches'):
+    RLConfig(prompts_per_batch=4, group_size=8, num_minibatches=2, micro_batches=4, share_prompt=True)
+  RLConfig(prompts_per_batch=4, group_size=8, num_minibatches=2, micro_batches=4)    # rows split: fine unshared
+  c = video.get_config('tiny_ral')                  # 2 prompts, 2 mini-batches: one group per micro-batch
+  c.rl.share_prompt = True
+  c.mesh.shape = (2, 1, 1)
+  with pytest.raises(ValueError, match='rl.share_prompt.*2 batch shards.*rl.micro_batches'):
+    rc.build(c, num_devices=2)
+  c.mesh.shape = (1, 1, 1)
+  run = rc.build(c, num_devices=2)
+  from ral_jax.train.build import step_config
+  sc = step_config(run, run.model, 'rl')
+  assert sc.share_prompt and sc.group_size == c.rl.group_size
