@@ -20,6 +20,12 @@ Two computations use the projected, rotated q and k:
   (`packed_causal_attention`) instead of a dense bias;
 - the record (`Attention.record`, see `attention_record`), which recomputes q and k from the layer input
   (text.py keeps the recorded layers' inputs), so the layer stack itself never changes shape.
+
+Shared prompt (teacher-forced scoring and update with each prompt computed once for its G samples;
+models/shared_prefix.py): `Attention.shared_prefix` runs the prompt [B,Tp] through the full-sequence causal pass
+(`causal_attention`, the same kernel choice as above) and the response queries [B*G,Tr] over [prompt | own response]
+keys with the whole sequence's visibility (`prefix_response_attention`, one dense mask); its record
+(`record_shared_prefix`) is `attention_record` over the whole sequence's keys with the queries of slots Tp-1 onward.
 """
 from __future__ import annotations
 
