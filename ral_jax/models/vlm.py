@@ -156,7 +156,6 @@ class Qwen25VL(nn.Module):
       return ModelOutput(hidden=hidden, record=record, cache=new_cache)
     return ModelOutput(logits=self.logits_from_hidden(hidden), record=record, cache=new_cache)
 
-
   def shared_prefix(self, prompt_ids, prompt_positions, prompt_mask, response_ids, response_positions, response_mask,
                     visual_embeds=None, record_rows=None, record_layers: Sequence[int] = (-1,),
                     record_heads: bool = False, return_hidden: bool = True) -> ModelOutput:
