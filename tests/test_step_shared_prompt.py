@@ -18,8 +18,8 @@ PROMPT_LENS = [10, 8, 9]           # a different left padding per group
 RESP_LENS = [6, 3, 5, 1, 6, 4]     # right-padded responses, one per row b*G + g
 
 
-def _problem(seed=0, prompt_lens=PROMPT_LENS, resp_lens=RESP_LENS):
-  cfg = tiny_cfg()
+def _problem(seed=0, prompt_lens=PROMPT_LENS, resp_lens=RESP_LENS, TP=TP, TR=TR, **cfg_kw):
+  cfg = tiny_cfg(**cfg_kw)
   B = len(prompt_lens)
   ids, mask, pos = padded_batch(cfg, prompt_lens, TP, seed=seed)
   for b, n in enumerate(prompt_lens):          # slots 2..5 of each prompt are an image (M-RoPE block of padded_batch)
@@ -44,7 +44,8 @@ def _full(cfg, params, d, rows, layers):
   ids, pos, mask, vis = _full_inputs(d)
   out = Qwen25VL(cfg).apply({'params': params}, ids, pos, mask, visual_embeds=vis, record_rows=rows,
                             record_layers=layers, return_hidden=True)
-  return response_slice(out.hidden, TP, TR), {l: r['policy'] for l, r in out.record.items()}
+  tp, tr = d['ids'].shape[1], d['r_ids'].shape[1]
+  return response_slice(out.hidden, tp, tr), {l: r['policy'] for l, r in out.record.items()}
 
 
 def _shared(cfg, params, d, rows, layers):
@@ -114,6 +115,30 @@ def test_prompts_are_not_mixed_up(problem):
   got = np.asarray(fn(params, d2))
   changed = np.abs(got - base).max(axis=(1, 2)) > 1e-4
   np.testing.assert_array_equal(changed, [False, False, True, True, False, False])
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
+def test_cudnn_shared_forward_matches_xla_full_forward():
+  """On a GPU: the shared pass with attention_impl='cudnn' (packed prompt pass, dense-mask response rows), bf16,
+  against the full forward with 'xla': response hidden states, record and gradients."""
+  tp, tr = 64, 32
+  cfg, d = _problem(seed=4, prompt_lens=[64, 40], resp_lens=[32, 20, 7, 32], TP=tp, TR=tr, dtype='bfloat16')
+  params = random_params(cfg, seed=6)
+  rows = record_rows(2 * G, tp, tr, 'response')
+  rng = np.random.default_rng(8)
+  w_h = jnp.asarray(rng.normal(size=(2 * G, tr, cfg.hidden_size)), jnp.float32)
+  w_p = jnp.asarray(rng.normal(size=(2 * G, tr, tp + tr)), jnp.float32)
+  (_, (h_x, rec_x)), g_x = _value_and_grad(_full, cfg.replace(attention_impl='xla'), params, d, rows, w_h, w_p)
+  (_, (h_c, rec_c)), g_c = _value_and_grad(_shared, cfg.replace(attention_impl='cudnn'), params, d, rows, w_h, w_p)
+  m = d['r_mask'] == 1
+  f32 = lambda a: np.asarray(a, np.float32)
+  np.testing.assert_allclose(f32(h_c)[m], f32(h_x)[m], atol=0.05, rtol=0.05)
+  for l in rec_x:
+    np.testing.assert_allclose(f32(rec_c[l])[m], f32(rec_x[l])[m], atol=0.01)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_x), jax.tree.leaves(g_c)):
+    a, b = f32(a), f32(b)
+    # bf16: the shared prompt's gradient sums G cotangents in another order (xla vs xla: up to 3% of the max)
+    np.testing.assert_allclose(b, a, atol=0.1 * max(np.abs(a).max(), 1e-6), err_msg=jax.tree_util.keystr(path))
 
 
 # ---- the trainer's step functions (train/step.py) -------------------------------------------------------------------
