@@ -86,6 +86,7 @@ def base_config() -> ConfigDict:
   c.rl.epochs = 1              # passes over each rollout batch
   c.rl.micro_batches = 1       # gradient accumulation: micro-batches per mini-batch
   c.rl.score_micro_batches = 0 # chunks of the scoring pass over the rollout batch (0 = rl.num_minibatches)
+  c.rl.share_prompt = False    # scoring + update compute each prompt once for its G samples (exact; whole-group splits)
   c.rl.lr = 1e-5               # RL learning rate (peak)
   c.rl.lambda_attn = 1.0       # RAL weight (paper: 0.5, 1, 5)
   c.rl.beta = 0.04             # KL(pi_theta || pi_ref) weight

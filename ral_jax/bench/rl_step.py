@@ -4,6 +4,7 @@
   python -m ral_jax.bench.rl_step --runs=jax:qwen2_5_vl_7b --prompts=4 --steps=2   # 7B shapes, fewer rows
   python -m ral_jax.bench.rl_step --runs=jax:tiny,torch:tiny --prompts=2 --G=2 --frames=2 \
       --side=56 --text=40 --new=8 --steps=2 --micro=1 --ckpt=0      # CPU smoke test
+  python -m ral_jax.bench.rl_step --runs=jax:qwen2_5_vl_3b --share_prompt  # each prompt once per group (#11)
 
 Shapes (headline, the issue's 3B shape): `--prompts` prompts x G samples; each prompt one video of `--frames`
 frames at `--side` px (16 x 448 px: 8192 patches -> 2048 visual tokens after the 2x2 merge) inside `--text` text
@@ -30,7 +31,9 @@ the same GRPO + beta KL + lambda JSD loss over the same mini- and micro-batches,
 Reported per run (JSON in $OUT/bench_rl_step.json): per phase (rollout incl. vision tower and rewards, scoring,
 update) seconds, model FLOPs and MFU (peak 989e12 bf16 dense, H100/H200 datasheet; PaLM-style counts as in
 bench/forward.py: 2 x dense params x tokens per forward token, 6 x for forward + backward, attention 4 x L x N x H
-x (visible keys) per forward token; remat recomputation not counted; decoding counts the cache it reads), tokens/s
+x (visible keys) per forward token; remat recomputation not counted; decoding counts the cache it reads; with
+--share_prompt the scoring and update count each prompt once per group plus the responses: 'flop_count' says
+which), tokens/s
 per chip (generated tokens, and all sequence tokens), peak device memory, compile estimate (first step - steady
 step), time to first step (from process start), GPU idle share (1 - nvidia-smi utilization sampled every 50 ms
 over the steady steps), the checkpoint times, and the torch/jax ratio of the steady step time.
@@ -78,6 +81,15 @@ def fwd_flops(cfg, rows: int, t: int) -> float:
   return rows * (2.0 * t * dense_params(cfg) + 4.0 * L * N * H * t * (t + 1) / 2)
 
 
+def shared_fwd_flops(cfg, prompts: int, G: int, tp: int, tr: int) -> float:
+  """Forward FLOPs of the shared-prompt pass (rl.share_prompt): each prompt once (tp tokens, causal), then G x tr
+  response tokens, response token i attending tp + i + 1 keys."""
+  L, N, H = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+  dense = 2.0 * dense_params(cfg) * (prompts * tp + prompts * G * tr)
+  attn = 4.0 * L * N * H * (prompts * tp * (tp + 1) / 2 + prompts * G * (tr * tp + tr * (tr + 1) / 2))
+  return dense + attn
+
+
 def rollout_flops(cfg, prompts: int, G: int, tp: int, new: int) -> float:
   """Prefill of each prompt once + G x new decode tokens, each reading its visible cache."""
   L, N, H = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
@@ -118,13 +130,19 @@ class Utilization:
       self.proc.terminate()
 
 
-def phase_report(cfg, args, times: dict, tp: int, tr: int) -> dict:
+FLOP_COUNTS = {False: 'full sequences: every row computes prompt + response',
+               True: 'shared prompt: each prompt once per group, then the G responses over prompt + response keys'}
+
+
+def phase_report(cfg, args, times: dict, tp: int, tr: int, shared: bool = False) -> dict:
+  """Per phase seconds, model FLOPs and MFU; `shared`: the scoring and update passes computed each prompt once
+  (rl.share_prompt), and their FLOPs count the tokens actually computed (FLOP_COUNTS)."""
   rows = args.prompts * args.G
   t = tp + tr
-  upd_rows = rows * args.epochs
+  fwd = (shared_fwd_flops(cfg, args.prompts, args.G, tp, tr) if shared else fwd_flops(cfg, rows, t))
   fl = {'rollout': rollout_flops(cfg, args.prompts, args.G, tp, tr),
-        'scoring': fwd_flops(cfg, rows, t) * (2 if args.beta > 0 else 1),
-        'update': 3 * fwd_flops(cfg, upd_rows, t)}
+        'scoring': fwd * (2 if args.beta > 0 else 1),
+        'update': 3 * fwd * args.epochs}
   out = {}
   for k, f in fl.items():
     s = times.get(k)
@@ -158,6 +176,7 @@ def _config(args, preset: str):
   c.rl.lambda_attn, c.rl.beta = 1.0, args.beta
   c.rl.reward = 'bench_coin'
   c.rl.logprob_chunk = args.logprob_chunk
+  c.rl.share_prompt = bool(args.share_prompt)
   c.train.sft_steps, c.train.rl_steps = 0, args.steps
   c.mesh.shape = (1, 1, 1)
   return c
@@ -216,7 +235,7 @@ def run_jax(args, preset: str) -> dict:
   res = {'preset': preset, 'device': jax.devices()[0].device_kind, 'jax': jax.__version__, 'rows': args.prompts * args.G,
          'prompt_len': tp, 'new': args.new, 'patches': p, 'visual_tokens': nv, 'param_dtype': cfg.param_dtype,
          'dtype': cfg.dtype, 'attention_impl': cfg.attention_impl, 'micro_batches': args.micro,
-         'score_micro_batches': args.score_micro or args.minibatches}
+         'score_micro_batches': args.score_micro or args.minibatches, 'share_prompt': bool(args.share_prompt)}
   t0 = time.perf_counter()
   params = build.init_model_params(cfg, mesh, rules, run.seed)
   jax.block_until_ready(params)
@@ -261,7 +280,8 @@ def run_jax(args, preset: str) -> dict:
   steady = per_step[1:] or per_step
   mean = {k: float(np.mean([s[k] for s in steady])) for k in ('step', 'rollout', 'scoring', 'update')}
   res['steps'] = per_step
-  res['phases'] = phase_report(cfg, args, mean, tp, args.new)
+  res['phases'] = phase_report(cfg, args, mean, tp, args.new, shared=bool(args.share_prompt))
+  res['flop_count'] = FLOP_COUNTS[bool(args.share_prompt)]
   res['compile_estimate_s'] = per_step[0]['step'] - mean['step'] if len(per_step) > 1 else None
   res['gpu_idle_share'] = None if busy is None else 1.0 - busy
   stats = jax.devices()[0].memory_stats() or {}
@@ -466,6 +486,7 @@ def run_torch(args, preset: str) -> dict:
   return {'preset': preset, 'device': torch.cuda.get_device_name() if dev == 'cuda' else 'cpu',
           'torch': torch.__version__, 'transformers': transformers.__version__, 'init_s': init_s,
           'weights_dtype': str(wdt), 'steps': per_step, 'phases': phase_report(cfg, args, mean, tp, new),
+          'flop_count': FLOP_COUNTS[False],
           'gpu_idle_share': None if busy is None else 1.0 - busy,
           'peak_bytes': torch.cuda.max_memory_allocated() if dev == 'cuda' else None}
 
@@ -473,7 +494,8 @@ def run_torch(args, preset: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 ARGS = ('prompts', 'G', 'frames', 'side', 'text', 'new', 'steps', 'torch_steps', 'minibatches', 'epochs', 'micro',
-        'score_micro', 'beta', 'dtype', 'remat', 'attention_impl', 'logprob_chunk', 'ckpt', 'ckpt_dir', 'ckpt_items', 'profile')
+        'score_micro', 'beta', 'dtype', 'remat', 'attention_impl', 'logprob_chunk', 'ckpt', 'ckpt_dir', 'ckpt_items', 'profile',
+        'share_prompt')
 
 
 def main(argv=None):
@@ -504,6 +526,9 @@ def main(argv=None):
                   "reference alone: when the disk is small)")
   ap.add_argument('--profile', default='', help='a folder: profile the last jax step there and report where its '
                   'device time goes (bench/profile_summary.py); the profiled step is timed too (slightly slower)')
+  ap.add_argument('--share_prompt', type=int, nargs='?', const=1, default=0,
+                  help='jax: rl.share_prompt (each prompt computed once for its G samples in scoring and update); '
+                  'FLOPs and MFU then count the tokens actually computed')
   ap.add_argument('--timeout', type=int, default=420, help='seconds per run')
   ap.add_argument('--out', default=os.path.join(os.environ.get('OUT', '.'), 'bench_rl_step.json'))
   ap.add_argument('--_one', default='', help=argparse.SUPPRESS)

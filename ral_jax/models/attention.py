@@ -20,6 +20,12 @@ Two computations use the projected, rotated q and k:
   (`packed_causal_attention`) instead of a dense bias;
 - the record (`Attention.record`, see `attention_record`), which recomputes q and k from the layer input
   (text.py keeps the recorded layers' inputs), so the layer stack itself never changes shape.
+
+Shared prompt (teacher-forced scoring and update with each prompt computed once for its G samples;
+models/shared_prefix.py): `Attention.shared_prefix` runs the prompt [B,Tp] through the full-sequence causal pass
+(`causal_attention`, the same kernel choice as above) and the response queries [B*G,Tr] over [prompt | own response]
+keys with the whole sequence's visibility (`prefix_response_attention`, one dense mask); its record
+(`record_shared_prefix`) is `attention_record` over the whole sequence's keys with the queries of slots Tp-1 onward.
 """
 from __future__ import annotations
 
@@ -46,11 +52,12 @@ def visibility_mask(key_valid, q_slot):
   return key_valid[:, None, None, :] & (s[None, None, None, :] <= q_slot[:, None, :, None])
 
 
-def attention_record(q, k, key_valid, rows, *, chunk: int, with_heads: bool = False):
+def attention_record(q, k, key_valid, rows, *, chunk: int, with_heads: bool = False, q_offset: int = 0):
   """Head-averaged attention policy rows (ral_jax/docs/method.md Eq. 2) of one layer, in float32.
 
-  q [B,T,N,H] (rotated queries), k [B,S,K,H] (rotated keys, S == T), key_valid [B,S] bool, rows [B,R] int32
-  (query positions; < 0 marks an unused row). For row r of example b with t = rows[b,r]:
+  q [B,T,N,H] (rotated queries of slots q_offset .. q_offset+T-1; q_offset = 0 and T == S for a whole sequence),
+  k [B,S,K,H] (rotated keys of slots 0..S-1), key_valid [B,S] bool, rows [B,R] int32 (query slots, each in
+  [q_offset, q_offset+T); < 0 marks an unused row). For row r of example b with t = rows[b,r]:
     alpha[n, j] = softmax_j( q[b,t,n] . k[b,j,n//G] / sqrt(H) ) over visible keys j (valid, j <= t)
     a[j]        = mean_n alpha[n, j]
     policy[b,r,j] = a[j] / sum_{i<t} a[i]  for j < t (and 0 at j >= t, at padding keys, and for unused rows;
@@ -72,7 +79,7 @@ def attention_record(q, k, key_valid, rows, *, chunk: int, with_heads: bool = Fa
   j = jnp.arange(S, dtype=jnp.int32)
 
   def one_chunk(r):                                                   # r [B,C]
-    qc = jnp.take_along_axis(q, jnp.clip(r, 0, T - 1)[:, :, None, None], axis=1)   # [B,C,N,H]
+    qc = jnp.take_along_axis(q, jnp.clip(r - q_offset, 0, T - 1)[:, :, None, None], axis=1)   # [B,C,N,H]
     qc = qc.reshape(B, C, K, G, H)
     logits = jnp.einsum('bckgh,bskh->bkgcs', qc, k, preferred_element_type=jnp.float32) * scale
     visible = key_valid[:, None, :] & (j[None, None, :] <= r[:, :, None])          # [B,C,S]
@@ -181,6 +188,41 @@ def packed_causal_attention(q, k, v, key_valid, q_slot, implementation):
                                         implementation=implementation)
 
   return jax.lax.cond(one_block, packed, masked, q, k, v)
+
+
+def causal_attention(q, k, v, key_valid, q_slot, implementation):
+  """The full-sequence causal pass (slots 0..T-1, no cache): q [B,T,N,H], k/v [B,T,K,H], key_valid [B,T] bool or
+  None, q_slot [B,T]. The Pallas flash kernel on TPU (`use_tpu_flash`); else the causal flag (+ a key padding mask
+  [B,1,1,S]; mask=None is cuDNN's fastest path), except cuDNN with a padding mask, which takes its sequence-length
+  mode (`packed_causal_attention`)."""
+  if use_tpu_flash(implementation, q.shape[1]):
+    return tpu_flash_attention(q, k, v, key_valid)
+  if key_valid is None or implementation != 'cudnn':
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+  return packed_causal_attention(q, k, v, key_valid, q_slot, implementation)
+
+
+def prefix_response_attention(q, prompt_k, prompt_v, prompt_valid, k, v, valid, implementation):
+  """The responses' queries of a teacher-forced pass whose G samples per prompt share the prompt.
+
+  q [R,Tr,N,H] (response slots Tp..Tp+Tr-1; R = B*G rows ordered b*G + g), prompt_k/prompt_v [B,Tp,K,H] (one copy
+  per prompt), prompt_valid [B,Tp] bool, k/v [R,Tr,K,H], valid [R,Tr] bool -> [R,Tr,N,H]. Keys of row b*G + g are
+  [prompt b | its own response] (the prompt's k/v repeated over G: small under GQA), visible as in the whole
+  sequence: key j seen by the query at slot Tp + i iff it is valid and j <= Tp + i. One dense mask through
+  `jax.nn.dot_product_attention` (cuDNN: a bias; only the Tr x Tr upper triangle of the response block is
+  wasted). Equals the response rows of `causal_attention` on the G-fold repeated [prompt | response] sequences."""
+  R, Tr = q.shape[:2]
+  B, Tp = prompt_valid.shape
+  if R % B:
+    raise ValueError(f'{R} response rows are not a multiple of the {B} prompts they share')
+  rep = lambda x: jnp.repeat(x, R // B, axis=0)
+  k_all = jnp.concatenate([rep(prompt_k).astype(k.dtype), k], axis=1)
+  v_all = jnp.concatenate([rep(prompt_v).astype(v.dtype), v], axis=1)
+  key_valid = jnp.concatenate([rep(prompt_valid), valid.astype(bool)], axis=1)
+  q_slot = jnp.broadcast_to(Tp + jnp.arange(Tr, dtype=jnp.int32), (R, Tr))
+  return jax.nn.dot_product_attention(q, k_all, v_all, mask=visibility_mask(key_valid, q_slot),
+                                      implementation=implementation)
 
 
 def _target_platform() -> str:
@@ -292,6 +334,49 @@ class Attention(nn.Module):
                                      with_heads=record_heads)
     return {'policy': policy, 'heads': heads} if record_heads else {'policy': policy}
 
+  def _qkv(self, x, cos, sin):
+    q, k = self.queries_keys(x, cos, sin)
+    v = nn.with_logical_constraint(self.v_proj(x), ('activation_batch', 'activation_length',
+                                                    'activation_kv_heads', None))
+    return q, k, v
+
+  def shared_prefix(self, x_p, x_r, rope_p, rope_r, valid_p, valid_r):
+    """Teacher-forced attention with the prompt computed once per group (models/shared_prefix.py).
+
+    x_p [B,Tp,D] (normed prompt inputs, one per prompt), x_r [R,Tr,D] (normed response inputs, R = B*G rows b*G+g);
+    rope_p = (cos, sin) [B,Tp,H], rope_r [R,Tr,H]; valid_p [B,Tp], valid_r [R,Tr] bool. The prompt runs the
+    full-sequence causal pass on its own (`causal_attention`: it never sees a response), the responses attend to
+    [prompt | own response] (`prefix_response_attention`). Returns (out_p [B,Tp,D], out_r [R,Tr,D])."""
+    impl = self.cfg.attention_impl
+    q_p, k_p, v_p = self._qkv(x_p, *rope_p)
+    q_r, k_r, v_r = self._qkv(x_r, *rope_r)
+    B, Tp = valid_p.shape
+    out_p = causal_attention(q_p, k_p, v_p, valid_p, jnp.broadcast_to(jnp.arange(Tp, dtype=jnp.int32), (B, Tp)),
+                             impl)
+    out_r = prefix_response_attention(q_r, k_p, v_p, valid_p, k_r, v_r, valid_r, impl)
+    axes = ('activation_batch', 'activation_length', 'activation_heads', None)
+    return (self.o_proj(nn.with_logical_constraint(out_p, axes)),
+            self.o_proj(nn.with_logical_constraint(out_r, axes)))
+
+  def record_shared_prefix(self, x_p, x_r, rope_p, rope_r, valid_p, valid_r, record_rows, record_heads=False):
+    """`record` of the [prompt | response] rows from the shared-prefix layout (arguments as `shared_prefix`;
+    record_rows [R,Rr] in whole-sequence slots, each >= Tp - 1 or < 0 = unused). The keys are the whole sequence's
+    (prompt keys repeated over G, then the row's response keys), the queries those of slots Tp-1 .. Tp+Tr-1 (the
+    last prompt slot, which 'producing' rows need, and the responses): the same `attention_record` as `record`."""
+    B, Tp = valid_p.shape
+    R = x_r.shape[0]
+    rep = lambda x: jnp.repeat(x, R // B, axis=0)
+    cos_p, sin_p = rope_p
+    q_last = apply_rope(self.q_proj(x_p[:, -1:]), cos_p[:, -1:], sin_p[:, -1:])     # [B,1,N,H]
+    k_p = apply_rope(self.k_proj(x_p), cos_p, sin_p)
+    q_r, k_r = self.queries_keys(x_r, *rope_r)
+    q = jnp.concatenate([rep(q_last), q_r], axis=1)                                   # slots Tp-1 ..
+    k = jnp.concatenate([rep(k_p), k_r], axis=1)                                      # slots 0 ..
+    key_valid = jnp.concatenate([rep(valid_p), valid_r], axis=1)
+    policy, heads = attention_record(q, k, key_valid, record_rows, chunk=self.cfg.record_chunk,
+                                     with_heads=record_heads, q_offset=Tp - 1)
+    return {'policy': policy, 'heads': heads} if record_heads else {'policy': policy}
+
   def decode(self, x, cos, sin, prompt, k_cache, v_cache, valid, slot):
     """One new token per row on this layer's caches (the rollout's decode step).
 
@@ -315,9 +400,7 @@ class Attention(nn.Module):
     the new tokens already marked); q_slot [B,T] int32 slots of the queries; kv_cache (k [B,Smax,K,H], v) or
     None; cache_index [B]. Returns (out [B,T,D], new kv_cache or None)."""
     cfg = self.cfg
-    q, k = self.queries_keys(x, cos, sin)
-    v = nn.with_logical_constraint(self.v_proj(x), ('activation_batch', 'activation_length',
-                                                    'activation_kv_heads', None))
+    q, k, v = self._qkv(x, cos, sin)
     new_cache = None
     if kv_cache is not None:
       k_all = write_cache(kv_cache[0], k, cache_index)
@@ -325,14 +408,8 @@ class Attention(nn.Module):
       new_cache = (k_all, v_all)
       out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
                                          mask=visibility_mask(key_valid, q_slot), implementation=cfg.attention_impl)
-    elif causal_fast and use_tpu_flash(cfg.attention_impl, q.shape[1]):
-      out = tpu_flash_attention(q, k, v, key_valid)
-    elif causal_fast and (key_valid is None or cfg.attention_impl != 'cudnn'):
-      # Slots are 0..T-1: the causal flag (+ a key padding mask [B,1,1,S]); mask=None is cuDNN's fastest path.
-      mask = None if key_valid is None else key_valid[:, None, None, :]
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cfg.attention_impl)
-    elif causal_fast:   # cuDNN with a key padding mask: its sequence-length mode (packed_causal_attention)
-      out = packed_causal_attention(q, k, v, key_valid, q_slot, cfg.attention_impl)
+    elif causal_fast:
+      out = causal_attention(q, k, v, key_valid, q_slot, cfg.attention_impl)
     else:   # cuDNN turns a mask into a bias: give it the full [B,1,T,S] visibility
       out = jax.nn.dot_product_attention(q, k, v, mask=visibility_mask(key_valid, q_slot),
                                          implementation=cfg.attention_impl)

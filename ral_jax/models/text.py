@@ -15,6 +15,8 @@ sliced parameter stacks and their gradients: +13 GB at 7B.)
 
 KV cache (decode): see `ral_jax/models/vlm.py` for the cache pytree; here layer i reads and writes slice i of
 cache['k'] / cache['v'] [L,B,Smax,K,H] carried through the scan (in place under donation).
+Shared prompt (scoring and RL update, `TextModel.shared_prefix`): the same stack on prompt states [B,Tp,D] once per
+prompt and response states [B*G,Tr,D]; see models/shared_prefix.py.
 One-token decoding (the rollout): `DecoderLayer.decode` is the same block on one layer's own caches (a prompt cache
 [B,K,Tp,H] shared by the G samples of each prompt, a response cache [R,K,Tr,H] per row), run by
 models.vlm.decode_token over per-layer weights (see vlm.py for why the sampler does not use the scanned stack).
@@ -78,6 +80,24 @@ class DecoderLayer(nn.Module):
     h = h + self.mlp(self.post_attention_layernorm(h))
     return h, k_cache, v_cache
 
+  def shared_prefix(self, h_p, h_r, rope_p, rope_r, valid_p, valid_r):
+    """The same block on the shared-prefix layout (models/shared_prefix.py): prompt states h_p [B,Tp,D] once per
+    prompt, response states h_r [R,Tr,D] (R = B*G); token-wise parts run on each, attention as
+    Attention.shared_prefix. Returns (h_p, h_r)."""
+    a_p, a_r = self.self_attn.shared_prefix(self.input_layernorm(h_p), self.input_layernorm(h_r), rope_p, rope_r,
+                                            valid_p, valid_r)
+    out = []
+    for h, a in ((h_p, a_p), (h_r, a_r)):
+      h = h + a
+      h = h + self.mlp(self.post_attention_layernorm(h))
+      out.append(nn.with_logical_constraint(h, _H_AXES))
+    return tuple(out)
+
+  def record_shared_prefix(self, h_p, h_r, rope_p, rope_r, valid_p, valid_r, record_rows, record_heads=False):
+    """`record` from this layer's shared-prefix inputs (Attention.record_shared_prefix)."""
+    return self.self_attn.record_shared_prefix(self.input_layernorm(h_p), self.input_layernorm(h_r), rope_p, rope_r,
+                                               valid_p, valid_r, record_rows, record_heads)
+
   def record(self, h, cos, sin, key_valid, record_rows, record_heads: bool = False):
     """Attention record of this layer from its input h [B,T,D] (needs input_layernorm, q_proj, k_proj only)."""
     return self.self_attn.record(self.input_layernorm(h), cos, sin, key_valid, record_rows, record_heads)
@@ -130,6 +150,14 @@ class TextModel(nn.Module):
 
   def embed(self, input_ids):
     return self.embed_tokens(input_ids)
+
+  def shared_prefix(self, h_p, pos_p, mask_p, h_r, pos_r, mask_r, *, record_rows=None, record_layers=(-1,),
+                    record_heads: bool = False):
+    """The teacher-forced pass with each prompt computed once for its G samples: see models/shared_prefix.py.
+    Returns (final-normed hidden [R,Tr,D] predicting the response tokens, record)."""
+    from ral_jax.models.shared_prefix import shared_prefix_stack    # (that module imports this one)
+    return shared_prefix_stack(self, h_p, pos_p, mask_p, h_r, pos_r, mask_r, record_rows=record_rows,
+                               record_layers=record_layers, record_heads=record_heads)
 
   def __call__(self, h, positions, attention_mask=None, *, record_rows=None, record_layers=(-1,),
                record_heads: bool = False, cache: Optional[Dict[str, Any]] = None):

@@ -8,6 +8,10 @@ Usage (INTERFACES.md "Model"):
                     record_rows=rows, record_layers=(-1,), record_heads=False, return_hidden=False, cache=None)
   out.logits [B,T,V] f32 | out.hidden [B,T,D] | out.record {layer: {'policy' [B,R,S], 'heads' [B,N,R,S]}} |
   out.cache (decode only)
+  out = model.apply({'params': params}, prompt_ids, prompt_positions, prompt_mask, response_ids, response_positions,
+                    response_mask, visual_embeds=vis, record_rows=rows, method=Qwen25VL.shared_prefix)
+  the teacher-forced pass of B prompts x G samples with each prompt computed once (models/shared_prefix.py):
+  out.hidden [B*G,Tr,D] predicting the response tokens, out.record as above over the whole [prompt | response] keys.
 Record (ral_jax/docs/method.md s.1; models/attention.py attention_record): keys are int layer indices >= 0
 (record_layers may be negative, -1 = last); 'policy' = head-mean softmax over keys j <= row, self dropped,
 renormalised over j < row, padding keys 0, float32, all-zero for rows < 0 or rows without an earlier real key;
@@ -151,6 +155,37 @@ class Qwen25VL(nn.Module):
     if return_hidden:
       return ModelOutput(hidden=hidden, record=record, cache=new_cache)
     return ModelOutput(logits=self.logits_from_hidden(hidden), record=record, cache=new_cache)
+
+  def shared_prefix(self, prompt_ids, prompt_positions, prompt_mask, response_ids, response_positions, response_mask,
+                    visual_embeds=None, record_rows=None, record_layers: Sequence[int] = (-1,),
+                    record_heads: bool = False, return_hidden: bool = True) -> ModelOutput:
+    """Teacher-forced pass over R = B*G rows [prompt b | response r] (row r = b*G + g) computing each prompt once
+    (models/shared_prefix.py). prompt_ids [B,Tp], prompt_positions [3,B,Tp], prompt_mask [B,Tp]; response_ids
+    [R,Tr], response_positions [3,R,Tr], response_mask [R,Tr]; visual_embeds [B,Nv,D] (one per prompt) or None;
+    record_rows [R,Rr] whole-sequence slots >= Tp-1 (rl.attention_loss.record_rows 'response' or 'producing').
+    Returns ModelOutput with hidden [R,Tr,D] (or logits [R,Tr,V]) of the states predicting the response tokens
+    (= `response_slice` of `__call__` on the concatenated rows) and record {layer: {'policy' [R,Rr,Tp+Tr], ...}}."""
+    cfg = self.cfg
+    B, R = prompt_ids.shape[0], response_ids.shape[0]
+    if R % B:
+      raise ValueError(f'{R} response rows are not a multiple of the {B} prompts (rows must be b*G + g)')
+    h_p = self.model.embed(prompt_ids)
+    h_r = self.model.embed(response_ids)
+    if visual_embeds is not None:
+      h_p = scatter_visual(h_p, prompt_ids, visual_embeds, cfg.image_token_id, cfg.video_token_id)
+      # A response token with a vision pad id continues the prompt's count, exactly as in the full forward.
+      is_vis = lambda ids: (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+      seen = jnp.repeat(jnp.sum(is_vis(prompt_ids), axis=1, dtype=jnp.int32), R // B)            # [R]
+      vr = is_vis(response_ids)
+      k = jnp.clip(seen[:, None] + jnp.cumsum(vr.astype(jnp.int32), axis=1) - 1, 0, visual_embeds.shape[1] - 1)
+      b = (jnp.arange(R, dtype=jnp.int32) // (R // B))[:, None]
+      h_r = jnp.where(vr[:, :, None], jnp.asarray(visual_embeds)[b, k].astype(h_r.dtype), h_r)
+    hidden, record = self.model.shared_prefix(h_p, prompt_positions, prompt_mask, h_r, response_positions,
+                                              response_mask, record_rows=record_rows,
+                                              record_layers=tuple(record_layers), record_heads=record_heads)
+    if return_hidden:
+      return ModelOutput(hidden=hidden, record=record)
+    return ModelOutput(logits=self.logits_from_hidden(hidden), record=record)
 
 
 def init_params(cfg, rng, vision_inputs=None, boxed: bool = False):

@@ -86,7 +86,9 @@ def step_config(run: RunConfig, cfg: ModelConfig, stage: str) -> ts.StepConfig:
                        score_micro_batches=run.rl.score_micro_batches or run.rl.num_minibatches,
                        sft_micro_batches=run.sft_optim.micro_batches,
                        record=stage == 'rl' and (run.objective.needs_attention or run.rl.record_attention),
-                       ral_grad_share=run.rl.ral_grad_share and run.objective.ral.lambda_attn > 0)
+                       ral_grad_share=run.rl.ral_grad_share and run.objective.ral.lambda_attn > 0,
+                       share_prompt=run.rl.share_prompt,
+                       group_size=run.rl.group_size if run.rl.share_prompt else 1)
 
 
 def make_steps(run: RunConfig, cfg: ModelConfig, stage: str, state_shardings, teacher_cfg=None,

@@ -85,6 +85,11 @@ class RLConfig:
   record_attention: bool = False  # record p_theta / p_old even when no loss needs them (attn/* metrics for GRPO)
   ral_grad_share: bool = False   # log ral/grad_share = |grad lambda L_RAL| / |grad L| (one extra backward)
   score_micro_batches: int = 0   # chunks of the scoring pass over the rollout batch (0 = num_minibatches)
+  # Compute each prompt once for its G samples in the scoring pass and the update (exact; models/shared_prefix.py):
+  # B*Tp + B*G*Tr tokens instead of B*G*(Tp+Tr). Mini-batches, micro-batches and scoring chunks then hold whole
+  # groups (group b in slice b mod n), so each of them must divide prompts_per_batch, and the groups of each
+  # slice must divide over the batch shards (checked in `build`).
+  share_prompt: bool = False
 
   def __post_init__(self):
     _check(self.group_size >= 2, f'rl.group_size (G) = {self.group_size}: group advantages need G >= 2')
@@ -98,6 +103,13 @@ class RLConfig:
            f'mini-batch {n // self.num_minibatches} not divisible by rl.micro_batches = {self.micro_batches}')
     _check(self.score_micro_batches >= 0 and n % max(self.score_micro_batches, 1) == 0,
            f'rollout batch {n} not divisible by rl.score_micro_batches = {self.score_micro_batches}')
+    if self.share_prompt:
+      p = self.prompts_per_batch
+      for knob, n in (('rl.num_minibatches', self.num_minibatches),
+                      ('rl.num_minibatches * rl.micro_batches', self.num_minibatches * self.micro_batches),
+                      ('rl.score_micro_batches', self.score_micro_batches or self.num_minibatches)):
+        _check(p % n == 0, f'rl.share_prompt splits the batch into whole groups: rl.prompts_per_batch = {p} '
+                           f'groups are not divisible by {knob} = {n}; change one of them (or rl.share_prompt=False)')
     PromptConfig(style=self.format)   # the prompt styles are the format choices
 
   @property
@@ -368,7 +380,8 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
   rl = RLConfig(prompts_per_batch=r.prompts_per_batch, group_size=r.group_size, num_minibatches=r.num_minibatches,
                 epochs=r.epochs, micro_batches=r.micro_batches, reward=r.reward, accuracy_weight=r.accuracy_weight,
                 format_weight=r.format_weight, format=r.format, record_attention=bool(r.record_attention),
-                ral_grad_share=bool(r.ral_grad_share), score_micro_batches=r.score_micro_batches)
+                ral_grad_share=bool(r.ral_grad_share), score_micro_batches=r.score_micro_batches,
+                share_prompt=bool(r.share_prompt))
   sampling = _sampling(config.sampling, model)
   objective, advantage = _objective(config, algo, sampling.temperature)
   teacher = None
@@ -406,6 +419,16 @@ def build(config, num_devices: int, warn: bool = True) -> RunConfig:
                         rl.rollout_batch // (rl.score_micro_batches or rl.num_minibatches))):
       _check(size % n == 0, f'{what} = {size} is not divisible by the {n} batch shards of mesh {mesh.shape} '
                             f'(data x fsdp); change the batch sizes or --config.mesh.shape')
+    if rl.share_prompt:   # the prompt part [groups, Tp] is split over the batch shards too (else replicated)
+      p = rl.prompts_per_batch
+      for what, groups in (('RL micro-batch (rl.prompts_per_batch / (rl.num_minibatches * rl.micro_batches))',
+                            p // (rl.num_minibatches * rl.micro_batches)),
+                           ('scoring chunk (rl.prompts_per_batch / rl.score_micro_batches)',
+                            p // (rl.score_micro_batches or rl.num_minibatches))):
+        _check(groups % n == 0, f'rl.share_prompt: the {what} holds {groups} prompt groups, not divisible by the '
+                                f'{n} batch shards of mesh {mesh.shape} (data x fsdp): each device needs whole '
+                                f'prompts; lower rl.micro_batches / rl.score_micro_batches / rl.num_minibatches, '
+                                f'raise rl.prompts_per_batch, or set rl.share_prompt=False')
   if loop.sft_steps:
     _check(loop.sft_batch_size % (n * sft_optim.micro_batches) == 0,
            f'sft.batch_size = {loop.sft_batch_size} is not divisible by sft.micro_batches x the {n} batch shards '

@@ -8,7 +8,13 @@ Tp and Tr are static (read from the shapes), so each prompt bucket compiles once
 
 Conventions:
 - Mini-batches and micro-batches are strided slices of the batch: row i of N belongs to mini-batch i mod n. With
-  the batch sharded over ('data', 'fsdp'), `split_rows` keeps each slice evenly sharded.
+  the batch sharded over ('data', 'fsdp'), `split_rows` keeps each slice evenly sharded. With sc.group_size = G > 1
+  (set by rl.share_prompt) the RL splits (scoring chunks, mini- and micro-batches) take whole groups instead: group b
+  (rows b*G .. b*G+G-1) belongs to slice b mod n, so every slice holds whole groups in b*G + g order.
+- Shared prompt (sc.share_prompt, rl.share_prompt): `forward` computes each group's prompt once and its G responses
+  against it (Qwen25VL.shared_prefix, models/shared_prefix.py) in the scoring, teacher and RL passes; inputs stay
+  the full [N,T] rows (the prompt of group b is read from row b*G: the G rows hold the same prompt, as
+  train/inputs.sequence_inputs builds them). Results equal the full forward's; the SFT step never shares.
 - One RL call (`rl_update`) runs epochs x num_minibatches optimizer steps (lax.scan); each optimizer step sums the
   losses and gradients of its micro-batches, each normalised by the whole mini-batch's aggregation denominator
   (rl.objective.loss_denominators), so accumulation is exact for every aggregation mode; metrics are micro means.
@@ -48,19 +54,28 @@ class ModelInputs:
   visual_embeds: Optional[jax.Array] = None
 
 
-def split_rows(tree, n: int):
-  """Leaves [N,...] -> [n, N/n, ...] with row i in slice i mod n (None leaves stay None)."""
+def split_rows(tree, n: int, group: int = 1, knob: str = ''):
+  """Leaves [N,...] -> [n, N/n, ...]. group = 1: row i in slice i mod n. group = G: whole groups of G consecutive
+  rows (rows b*G + g), group b in slice b mod n (rows inside a slice stay in b*G + g order). None leaves stay None.
+  `knob` names the setting that chose n, for the error."""
   def f(x):
-    if x.shape[0] % n:
-      raise ValueError(f'batch of {x.shape[0]} rows does not split into {n} equal slices')
-    y = x.reshape(x.shape[0] // n, n, *x.shape[1:])
-    return jnp.swapaxes(y, 0, 1)
+    N = x.shape[0]
+    if N % (n * group):
+      what = f'{N // group} groups of {group} rows' if group > 1 else f'{N} rows'
+      raise ValueError(f'batch of {what} does not split into {n} equal slices{" of whole groups" if group > 1 else ""}'
+                       + (f'; change {knob}' if knob else ''))
+    y = x.reshape(N // (n * group), n, group, *x.shape[1:])
+    return jnp.swapaxes(y, 0, 1).reshape(n, N // n, *x.shape[1:])
   return jax.tree.map(f, tree)
 
 
-def merge_rows(tree):
+def merge_rows(tree, group: int = 1):
   """Inverse of split_rows: [n, N/n, ...] -> [N, ...]."""
-  return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:]), tree)
+  def f(y):
+    n, m = y.shape[:2]
+    z = y.reshape(n, m // group, group, *y.shape[2:])
+    return jnp.swapaxes(z, 0, 1).reshape(n * m, *y.shape[2:])
+  return jax.tree.map(f, tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,19 +92,41 @@ class StepConfig:
   sft_micro_batches: int = 1
   record: bool = True             # the attention policy is needed (lambda_attn > 0 or attention distillation)
   ral_grad_share: bool = False    # also log ral/grad_share (one extra backward of the RAL term alone)
+  share_prompt: bool = False      # RL passes compute each prompt once for its group (models/shared_prefix.py)
+  group_size: int = 1             # G: > 1 makes the RL mini-/micro-batch and scoring splits keep whole groups
+
+  def __post_init__(self):
+    if self.share_prompt and self.group_size < 1:
+      raise ValueError(f'share_prompt needs the group size G >= 1 (got {self.group_size})')
 
 
-def forward(sc: StepConfig, params, x: ModelInputs, response_len: int, record: bool, model_cfg=None):
-  """-> (hidden of the states predicting the response [N,Tr,D], attention policy [N,Tr,S] or None)."""
+def forward(sc: StepConfig, params, x: ModelInputs, response_len: int, record: bool, model_cfg=None,
+            shared: Optional[bool] = None):
+  """-> (hidden of the states predicting the response [N,Tr,D], attention policy [N,Tr,S] or None).
+  shared (default sc.share_prompt): rows are groups of sc.group_size samples of one prompt (b*G + g); the prompt of
+  group b is read from row b*G and computed once (Qwen25VL.shared_prefix). Same results as the full forward."""
   cfg = model_cfg or sc.model_cfg
   n, t = x.input_ids.shape
   tp = t - response_len
   rows = record_rows(n, tp, response_len, sc.objective.ral.rows) if record else None
-  out = Qwen25VL(cfg).apply({'params': params}, x.input_ids, jnp.swapaxes(x.positions, 0, 1), x.attention_mask,
-                            visual_embeds=x.visual_embeds, record_rows=rows, record_layers=(sc.record_layer,),
-                            return_hidden=True)
+  if sc.share_prompt if shared is None else shared:
+    g = sc.group_size
+    if n % g:
+      raise ValueError(f'{n} rows are not whole groups of G = {g} samples')
+    pos = jnp.swapaxes(x.positions, 0, 1)                                   # [3,N,T]
+    out = Qwen25VL(cfg).apply(
+        {'params': params}, x.input_ids[::g, :tp], pos[:, ::g, :tp], x.attention_mask[::g, :tp],
+        x.input_ids[:, tp:], pos[:, :, tp:], x.attention_mask[:, tp:],
+        visual_embeds=None if x.visual_embeds is None else x.visual_embeds[::g], record_rows=rows,
+        record_layers=(sc.record_layer,), method=Qwen25VL.shared_prefix)
+    hidden = out.hidden
+  else:
+    out = Qwen25VL(cfg).apply({'params': params}, x.input_ids, jnp.swapaxes(x.positions, 0, 1), x.attention_mask,
+                              visual_embeds=x.visual_embeds, record_rows=rows, record_layers=(sc.record_layer,),
+                              return_hidden=True)
+    hidden = response_slice(out.hidden, tp, response_len)
   policy = next(iter(out.record.values()))['policy'] if record else None
-  return response_slice(out.hidden, tp, response_len), policy
+  return hidden, policy
 
 
 def score(sc: StepConfig, params, ref_params, x: ModelInputs, response_ids, need_ref: bool):
@@ -112,7 +149,9 @@ def score(sc: StepConfig, params, ref_params, x: ModelInputs, response_ids, need
                                                     obj.logprob_chunk, obj.temperature, with_entropy=False).logprobs
     return out
 
-  out = merge_rows(jax.lax.map(one, split_rows((x, response_ids), sc.score_micro_batches)))
+  g = sc.group_size
+  out = merge_rows(jax.lax.map(one, split_rows((x, response_ids), sc.score_micro_batches, g,
+                                               'rl.score_micro_batches')), g)
   out = jax.lax.stop_gradient(out)
   return out['old_logprobs'], out.get('old_policy'), out.get('ref_logprobs')
 
@@ -193,7 +232,7 @@ def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBa
       return loss_from_hidden(obj, bm, h, lm_head_kernel(params, sc.model_cfg), pol, th,
                               None if th is None else teacher_kernel, denominators=den)
 
-    micro = split_rows(mb, sc.micro_batches)
+    micro = split_rows(mb, sc.micro_batches, sc.group_size, 'rl.micro_batches')
     loss, grads, metrics = _accumulate(loss_fn, st.params, micro, sc.micro_batches, grad_sh)
     if sc.ral_grad_share:
       metrics = dict(metrics, **{'ral/grad_share': _ral_grad_share(loss_fn, st.params, micro, grads,
@@ -201,7 +240,7 @@ def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBa
     st, metrics = _guarded_apply(st, tx, loss, grads, dict(metrics, loss=loss))
     return constrain(st, shardings), metrics
 
-  mbs = split_rows((x, batch, teacher_hidden), sc.num_minibatches)
+  mbs = split_rows((x, batch, teacher_hidden), sc.num_minibatches, sc.group_size, 'rl.num_minibatches')
 
   def epoch(st, _):
     return jax.lax.scan(minibatch_step, st, mbs)
@@ -225,7 +264,7 @@ def sft_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, response_i
 
   def loss_fn(params, mb):
     xm, ids, mask = mb
-    h, _ = forward(sc, params, xm, tr, False)
+    h, _ = forward(sc, params, xm, tr, False, shared=False)      # SFT rows are not groups
     lp = token_stats_from_hidden(h, lm_head_kernel(params, sc.model_cfg), ids, sc.objective.logprob_chunk, 1.0,
                                  with_entropy=False).logprobs
     loss = -masked_sum(lp, mask) / n_tokens
