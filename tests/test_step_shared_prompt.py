@@ -117,10 +117,13 @@ def test_prompts_are_not_mixed_up(problem):
   np.testing.assert_array_equal(changed, [False, False, True, True, False, False])
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
+@pytest.mark.skipif(jax.default_backend() != 'gpu',
+                    reason='cuDNN attention needs an NVIDIA GPU: run with JAX_PLATFORMS=cuda (tests/conftest.py '
+                           'defaults to cpu)')
 def test_cudnn_shared_forward_matches_xla_full_forward():
-  """On a GPU: the shared pass with attention_impl='cudnn' (packed prompt pass, dense-mask response rows), bf16,
-  against the full forward with 'xla': response hidden states, record and gradients."""
+  """The shared pass with attention_impl='cudnn' (packed prompt pass, dense-mask response rows), bf16, against the
+  full forward with 'xla': response hidden states, record and gradients. On a GPU:
+  JAX_PLATFORMS=cuda HF_HUB_OFFLINE=1 python -m pytest -q tests/test_step_shared_prompt.py -k cudnn"""
   tp, tr = 64, 32
   cfg, d = _problem(seed=4, prompt_lens=[64, 40], resp_lens=[32, 20, 7, 32], TP=tp, TR=tr, dtype='bfloat16')
   params = random_params(cfg, seed=6)
