@@ -1,7 +1,7 @@
 """Video RL post-training (the project's main config).
 
   python -m ral_jax.main --config=configs/video.py --workdir=./workdir
-runs the embedded default on a 2-core CPU in 3-5 minutes: tiny Qwen2.5-VL-architecture model, embedded
+runs the embedded default on a 2-core CPU in 2-4 minutes: tiny Qwen2.5-VL-architecture model, embedded
 tokenizer, synthetic video tasks written into the workdir, an SFT warm-up (180 steps) then RAL (40 rollout
 batches, 8 updates each at lr 2e-4, answer-only responses); prints held-out accuracy and attention-on-evidence mass
 before training, after SFT and after RL (measured on the 2-core CPU, default seed 1: 0.000 -> 0.156 -> 0.641,
