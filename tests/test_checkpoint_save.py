@@ -38,6 +38,20 @@ _bump = jax.jit(lambda t: jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype
                 donate_argnums=0)
 
 
+def _finish_and_restore(ck, tmp_path, state_like, ref_like, want):
+  """Waits for `ck`'s save of step 1, restores it with a fresh Checkpointer and checks every leaf (state, then
+  reference) against `want`, dtype included; returns (restored state, meta)."""
+  ck.wait(progress_every=0)
+  ck.close()
+  ck = ckpt.Checkpointer(str(tmp_path), 1, 2)
+  got, got_ref, meta = ck.restore(1, state_like, ref_like=ref_like)
+  ck.close()
+  for a, b in zip(jax.tree.leaves((got, got_ref)), want):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), b)
+  return got, meta
+
+
 @pytest.mark.parametrize('snapshot', [True, False])
 def test_save_restores_the_values_at_save_time_although_the_state_is_donated_next(tmp_path, snapshot):
   state = _state()
@@ -48,14 +62,7 @@ def test_save_restores_the_values_at_save_time_although_the_state_is_donated_nex
   assert ck.save(1, state, {'outer_step': 1, 'stage': 'rl'}, ref=ref)
   state, ref = _bump((state, ref))                     # the next step: overwrites the donated buffers at once
   assert not ck.save(1, state, {'outer_step': 1})      # a step saved (or being saved) is not saved again
-  ck.wait(progress_every=0)
-  ck.close()
-  ck = ckpt.Checkpointer(str(tmp_path), 1, 2)
-  got, got_ref, meta = ck.restore(1, state, ref_like=ref)
-  ck.close()
-  for a, b in zip(jax.tree.leaves((got, got_ref)), want):
-    assert a.dtype == b.dtype
-    np.testing.assert_array_equal(np.asarray(a), b)
+  got, meta = _finish_and_restore(ck, tmp_path, state, ref, want)
   assert got.params['params']['model']['w'].sharding == state.params['params']['model']['w'].sharding
   assert meta['stage'] == 'rl'
 
@@ -91,13 +98,7 @@ def test_prepare_warms_pinned_host_memory_and_the_save_stays_exact(tmp_path, abs
     assert ckpt._all_finite._cache_size() == n_jit
   assert ck.save(1, state, {'outer_step': 1, 'stage': 'rl'}, ref=ref)
   state, ref = _bump((state, ref))
-  ck.wait(progress_every=0)
-  ck.close()
-  ck = ckpt.Checkpointer(str(tmp_path), 1, 2)
-  got, got_ref, _ = ck.restore(1, state, ref_like=ref)
-  ck.close()
-  for a, b in zip(jax.tree.leaves((got, got_ref)), want):
-    np.testing.assert_array_equal(np.asarray(a), b)
+  _finish_and_restore(ck, tmp_path, state, ref, want)
 
 
 def test_prepare_does_nothing_without_a_host_snapshot_nor_by_default_on_cpu(tmp_path):

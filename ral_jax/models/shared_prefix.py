@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from ral_jax.models.rope import mrope_angles
-from ral_jax.models.text import DecoderLayer, normalize_layers, remat_policy
+from ral_jax.models.text import DecoderLayer, normalize_layers, record_params, remat_policy, run_layers
 
 
 def _check_shapes(h_p, pos_p, mask_p, h_r, pos_r, mask_r):
@@ -73,39 +73,13 @@ def shared_prefix_stack(tm, h_p, pos_p, mask_p, h_r, pos_r, mask_r, *, record_ro
   layer_fn = jax.checkpoint(layer_fn, policy=policy) if use_remat else layer_fn
 
   rec_layers = normalize_layers(record_layers, L) if record_rows is not None else ()
-  inputs = {}                       # recorded layer -> its inputs (h_p, h_r)
-  if cfg.scan_layers:
-    rec_idx = jnp.asarray(rec_layers, jnp.int32)
-
-    def body(carry, xs):
-      hp, hr, saved_p, saved_r = carry
-      p, i = xs
-      if rec_layers:                # keep the inputs of layer i if it is recorded (a select: no stacking)
-        hit = rec_idx == i
-        saved_p = jnp.where(hit[:, None, None, None], hp[None], saved_p)
-        saved_r = jnp.where(hit[:, None, None, None], hr[None], saved_r)
-      hp, hr = layer_fn(p, hp, hr)
-      return (hp, hr, saved_p, saved_r), None
-
-    n = len(rec_layers)
-    carry = (h_p, h_r, jnp.zeros((n,) + h_p.shape, h_p.dtype), jnp.zeros((n,) + h_r.shape, h_r.dtype))
-    (h_p, h_r, saved_p, saved_r), _ = jax.lax.scan(body, carry, (stack, jnp.arange(L, dtype=jnp.int32)))
-    inputs = {l: (saved_p[k], saved_r[k]) for k, l in enumerate(rec_layers)}
-  else:
-    for i in range(L):
-      if i in rec_layers:
-        inputs[i] = (h_p, h_r)
-      h_p, h_r = layer_fn(jax.tree.map(lambda x: x[i], stack), h_p, h_r)
+  (h_p, h_r), inputs = run_layers(layer_fn, stack, (h_p, h_r), rec_layers, L, cfg.scan_layers)
 
   def rec_fn(p, hp, hr):
     return tm._layer().apply({'params': p}, hp, hr, rope_p, rope_r, valid_p, valid_r, record_rows, record_heads,
                              method=DecoderLayer.record_shared_prefix)
   rec_fn = jax.checkpoint(rec_fn, policy=policy) if use_remat else rec_fn
-  records = {}
-  for l in rec_layers:              # only the leaves the record reads, sliced at layer l
-    p = {'input_layernorm': jax.tree.map(lambda x: x[l], stack['input_layernorm']),
-         'self_attn': {n: jax.tree.map(lambda x: x[l], stack['self_attn'][n]) for n in ('q_proj', 'k_proj')}}
-    records[l] = rec_fn(p, *inputs[l])
+  records = {l: rec_fn(record_params(stack, l), *inputs[l]) for l in rec_layers}
   # The states predicting response token t: the last prompt slot for t = 0, response slot t-1 after (norm is
   # token-wise, so only those slots are normed).
   last = jnp.repeat(tm.norm(h_p[:, -1:]), G, axis=0)

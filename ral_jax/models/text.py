@@ -122,6 +122,39 @@ def normalize_layers(layers: Sequence[int], num_layers: int) -> Tuple[int, ...]:
   return tuple(sorted(set(out)))
 
 
+def run_layers(layer_fn, stack, hs: Tuple, rec_layers: Sequence[int], num_layers: int, scan: bool):
+  """Applies the L stacked layers to the states `hs` (a tuple: one hidden state, or the shared-prefix pass's
+  prompt and response states), `layer_fn(layer params, *hs) -> hs`. scan=True: one `lax.scan` over the stack whose
+  carry keeps the inputs of the recorded layers (a select per layer: nothing stacked over L); else a Python loop.
+  Returns (hs after the last layer, {recorded layer: hs at its input})."""
+  if not scan:
+    inputs = {}
+    for i in range(num_layers):
+      if i in rec_layers:
+        inputs[i] = hs
+      hs = layer_fn(jax.tree.map(lambda x: x[i], stack), *hs)
+    return hs, inputs
+  rec_idx = jnp.asarray(rec_layers, jnp.int32)
+
+  def body(carry, xs):
+    hh, saved = carry
+    p, i = xs
+    if rec_layers:                    # keep the input of layer i if it is recorded
+      hit = rec_idx == i
+      saved = tuple(jnp.where(hit.reshape((-1,) + (1,) * x.ndim), x[None], s) for x, s in zip(hh, saved))
+    return (layer_fn(p, *hh), saved), None
+
+  saved = tuple(jnp.zeros((len(rec_layers),) + x.shape, x.dtype) for x in hs)
+  (hs, saved), _ = jax.lax.scan(body, (tuple(hs), saved), (stack, jnp.arange(num_layers, dtype=jnp.int32)))
+  return hs, {l: tuple(s[k] for s in saved) for k, l in enumerate(rec_layers)}
+
+
+def record_params(stack, layer: int):
+  """The leaves a layer's record reads (input_layernorm, q_proj, k_proj), sliced at `layer` from the stack."""
+  return {'input_layernorm': jax.tree.map(lambda x: x[layer], stack['input_layernorm']),
+          'self_attn': {n: jax.tree.map(lambda x: x[layer], stack['self_attn'][n]) for n in ('q_proj', 'k_proj')}}
+
+
 class TextModel(nn.Module):
   """Params: embed_tokens.embedding [V,D]; layers.* (stacked, leading L); norm.scale [D]."""
   cfg: Any
@@ -182,33 +215,15 @@ class TextModel(nn.Module):
       q_slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
       plain = make_fn(True)
       rec_layers = normalize_layers(record_layers, L) if record_rows is not None else ()
-      inputs = {}                     # recorded layer -> its input hidden state [B,T,D]
-      if cfg.scan_layers:
-        rec_idx = jnp.asarray(rec_layers, jnp.int32)
-
-        def body(carry, xs):
-          hh, saved = carry
-          p, i = xs
-          if rec_layers:              # keep the input of layer i if it is recorded (a select: no stacking)
-            saved = jnp.where((rec_idx == i)[:, None, None, None], hh[None], saved)
-          return (plain(p, hh, key_valid, q_slot, None, None)[0], saved), None
-        saved = jnp.zeros((len(rec_layers),) + h.shape, h.dtype)
-        (h, saved), _ = jax.lax.scan(body, (h, saved), (stack, jnp.arange(L, dtype=jnp.int32)))
-        inputs = {l: saved[k] for k, l in enumerate(rec_layers)}
-      else:
-        for i in range(L):
-          if i in rec_layers:
-            inputs[i] = h
-          h = plain(jax.tree.map(lambda x: x[i], stack), h, key_valid, q_slot, None, None)[0]
+      (h,), inputs = run_layers(lambda p, hh: (plain(p, hh, key_valid, q_slot, None, None)[0],), stack, (h,),
+                                rec_layers, L, cfg.scan_layers)
 
       def rec_fn(p, hh):
         return self._layer().apply({'params': p}, hh, cos, sin, key_valid, record_rows, record_heads,
                                    method=DecoderLayer.record)
       rec_fn = jax.checkpoint(rec_fn, policy=policy) if use_remat else rec_fn
-      for l in rec_layers:            # only the leaves the record reads, sliced at layer l
-        p = {'input_layernorm': jax.tree.map(lambda x: x[l], stack['input_layernorm']),
-             'self_attn': {n: jax.tree.map(lambda x: x[l], stack['self_attn'][n]) for n in ('q_proj', 'k_proj')}}
-        records[l] = rec_fn(p, inputs[l])
+      for l in rec_layers:
+        records[l] = rec_fn(record_params(stack, l), *inputs[l])
       return self.norm(h), records, None
 
     if record_rows is not None:

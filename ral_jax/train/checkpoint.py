@@ -110,14 +110,6 @@ def reference_source(beta: float, rl_from_start: bool) -> str:
   return 'init' if rl_from_start else 'saved'
 
 
-def _has_pinned_host(tree) -> bool:
-  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
-  if not leaves:
-    return False
-  dev = next(iter(leaves[0].sharding.device_set))
-  return any(m.kind == 'pinned_host' for m in dev.addressable_memories())
-
-
 def _pinned(sharding) -> Optional[jax.sharding.Sharding]:
   """`sharding` in pinned host memory, or None where its devices have no such memory."""
   if sharding is None:
@@ -126,6 +118,11 @@ def _pinned(sharding) -> Optional[jax.sharding.Sharding]:
   if not any(m.kind == 'pinned_host' for m in dev.addressable_memories()):
     return None
   return sharding.with_memory_kind('pinned_host')
+
+
+def _has_pinned_host(tree) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  return bool(leaves) and _pinned(leaves[0].sharding) is not None
 
 
 def warm_pinned_host(trees) -> dict:
