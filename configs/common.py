@@ -36,6 +36,7 @@ def base_config() -> ConfigDict:
   c.model.param_dtype = ''     # parameter storage dtype override ('' = the preset's)
   c.model.remat_policy = ''    # '' = the preset's; else one of models.config.REMAT_POLICIES
   c.model.attention_impl = ''  # '' = auto; else models.config.ATTENTION_IMPLS ('xla' | 'cudnn')
+  c.model.scan_layers = True   # one lax.scan over the decoder layers (fast compile); False: unrolled loop
   c.model.record_layers = (-1,)  # the one decoder layer whose attention RAL trains (ral_jax/docs/method.md s.1)
 
   # ---- data (ral_jax/data: DataConfig, ProcessorConfig, VideoConfig, synthetic Knobs) -----------------------

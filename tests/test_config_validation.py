@@ -130,8 +130,10 @@ def test_components_get_their_own_configs():
   c.rl.kl_estimator, c.rl.dual_clip, c.rl.attn_aggregation = 'k2', 3.0, 'seq_mean_token_sum'
   c.distill.attention = False
   c.model.remat_policy = 'none'
+  assert rc.build(c, num_devices=8).model.scan_layers is True
+  c.model.scan_layers = False
   run = rc.build(c, num_devices=8)
-  assert isinstance(run.model, ModelConfig) and run.model.remat_policy == 'none'
+  assert isinstance(run.model, ModelConfig) and run.model.remat_policy == 'none' and run.model.scan_layers is False
   assert isinstance(run.objective, rlc.ObjectiveConfig) and isinstance(run.sampling, SamplingConfig)
   assert run.objective.grpo.kl_estimator == 'k2' and run.objective.grpo.dual_clip == 3.0
   assert run.objective.ral_aggregation == 'seq_mean_token_sum'

@@ -108,7 +108,8 @@ def reference_grads(small_problem):
 
 
 @pytest.mark.parametrize('variant', [dict(remat_policy='nothing_saveable'),
-                                     dict(scan_layers=False, remat_policy='dots_saveable')])
+                                     dict(scan_layers=False, remat_policy='dots_saveable'),
+                                     dict(remat_policy='dots_and_attention_saveable')])
 def test_remat_and_scan_variants_equal_reference(small_problem, reference_grads, variant):
   """Reference: tiny preset (remat 'none', scan_layers=True); values and gradients must not change."""
   cfg, params, ids, mask, pos, rows = small_problem

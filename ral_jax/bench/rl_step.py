@@ -166,6 +166,7 @@ def _config(args, preset: str):
   c.model.dtype = args.dtype
   c.model.param_dtype = 'bfloat16' if '7b' in preset else ''
   c.model.remat_policy = args.remat
+  c.model.scan_layers = bool(args.scan_layers)
   c.model.attention_impl = args.attention_impl if big else ''
   c.data.source = 'manifest'
   c.data.train_manifest = '<bench: synthetic batch>'
@@ -235,7 +236,8 @@ def run_jax(args, preset: str) -> dict:
   res = {'preset': preset, 'device': jax.devices()[0].device_kind, 'jax': jax.__version__, 'rows': args.prompts * args.G,
          'prompt_len': tp, 'new': args.new, 'patches': p, 'visual_tokens': nv, 'param_dtype': cfg.param_dtype,
          'dtype': cfg.dtype, 'attention_impl': cfg.attention_impl, 'micro_batches': args.micro,
-         'score_micro_batches': args.score_micro or args.minibatches, 'share_prompt': bool(args.share_prompt)}
+         'score_micro_batches': args.score_micro or args.minibatches, 'share_prompt': bool(args.share_prompt),
+         'remat': cfg.remat_policy, 'scan_layers': cfg.scan_layers, 'logprob_chunk': args.logprob_chunk}
   t0 = time.perf_counter()
   params = build.init_model_params(cfg, mesh, rules, run.seed)
   jax.block_until_ready(params)
@@ -260,7 +262,7 @@ def run_jax(args, preset: str) -> dict:
   for i in range(args.steps):
     if i == 1:
       util.start()
-    prof = (profile_summary.capture(os.path.join(args.profile, preset))
+    prof = (profile_summary.capture(os.path.join(args.profile, preset), args.profile_top)
             if args.profile and i == args.steps - 1 and i > 0 else contextlib.nullcontext({}))
     with prof as got:
       t = time.perf_counter()
@@ -495,7 +497,7 @@ def run_torch(args, preset: str) -> dict:
 
 ARGS = ('prompts', 'G', 'frames', 'side', 'text', 'new', 'steps', 'torch_steps', 'minibatches', 'epochs', 'micro',
         'score_micro', 'beta', 'dtype', 'remat', 'attention_impl', 'logprob_chunk', 'ckpt', 'ckpt_dir', 'ckpt_items', 'profile',
-        'share_prompt')
+        'share_prompt', 'profile_top', 'scan_layers')
 
 
 def main(argv=None):
@@ -526,6 +528,8 @@ def main(argv=None):
                   "reference alone: when the disk is small)")
   ap.add_argument('--profile', default='', help='a folder: profile the last jax step there and report where its '
                   'device time goes (bench/profile_summary.py); the profiled step is timed too (slightly slower)')
+  ap.add_argument('--profile_top', type=int, default=25, help='kernels listed in the profile summary')
+  ap.add_argument('--scan_layers', type=int, default=1, help='0: the decoder layers in a Python loop (model.scan_layers)')
   ap.add_argument('--share_prompt', type=int, nargs='?', const=1, default=0,
                   help='jax: rl.share_prompt (each prompt computed once for its G samples in scoring and update); '
                   'FLOPs and MFU then count the tokens actually computed')

@@ -12,7 +12,8 @@ from typing import Any, Optional, Tuple
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')
-REMAT_POLICIES = ('none', 'nothing_saveable', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
+REMAT_POLICIES = ('none', 'nothing_saveable', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'dots_and_attention_saveable')
 ATTENTION_IMPLS = (None, 'xla', 'cudnn')
 
 

@@ -36,15 +36,28 @@ from ral_jax.models.rope import mrope_angles
 _H_AXES = ('activation_batch', 'activation_length', 'activation_embed')
 
 
+# Primitives of the fused attention kernels' forward (cuDNN through `jax.nn.dot_product_attention`): their outputs
+# (attention output and softmax statistics) are the residuals the kernel's backward reads.
+FUSED_ATTENTION_FWD = frozenset({'dot_product_attention_fwd_wrapper', 'dot_product_attention_fwd'})
+
+
+def _save_fused_attention(prim, *_, **__) -> bool:
+  return prim.name in FUSED_ATTENTION_FWD
+
+
 def remat_policy(name: str):
   """cfg.remat_policy -> (use_remat, jax.checkpoint policy).
   'none': no rematerialisation; 'nothing_saveable' / 'full': recompute everything in the backward pass, keep only
-  each layer's input; 'dots_saveable': keep matmul outputs; 'dots_with_no_batch_dims_saveable': keep weight matmuls.
+  each layer's input; 'dots_saveable': keep matmul outputs; 'dots_with_no_batch_dims_saveable': keep weight matmuls;
+  'dots_and_attention_saveable': keep weight matmuls and the fused attention kernel's forward outputs (cuDNN), so
+  the backward recomputes neither (XLA attention: as 'dots_with_no_batch_dims_saveable').
   """
   cp = jax.checkpoint_policies
   table = {'none': None, 'nothing_saveable': cp.nothing_saveable, 'full': cp.nothing_saveable,
            'dots_saveable': cp.dots_saveable,
-           'dots_with_no_batch_dims_saveable': cp.dots_with_no_batch_dims_saveable}
+           'dots_with_no_batch_dims_saveable': cp.dots_with_no_batch_dims_saveable,
+           'dots_and_attention_saveable': cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                                                     _save_fused_attention)}
   if name not in table:
     raise ValueError(f'cfg.remat_policy={name!r}: choose one of {sorted(table)}')
   return name != 'none', table[name]

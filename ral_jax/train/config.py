@@ -291,8 +291,11 @@ def read_hf_config(hf_checkpoint: str) -> dict:
 
 def model_config(mc, hf_checkpoint: str, preset: str) -> ModelConfig:
   """ModelConfig from an HF directory's config.json, else the named preset; then the run-time overrides of the
-  config's `model` node (dtype, param_dtype, remat_policy, attention_impl; '' = keep)."""
+  config's `model` node (dtype, param_dtype, remat_policy, attention_impl: '' = keep; scan_layers False = a Python
+  loop over the layers instead of one `lax.scan`)."""
   over = {k: mc[k] for k in ('dtype', 'param_dtype', 'remat_policy', 'attention_impl') if mc[k]}
+  if not mc.get('scan_layers', True):
+    over['scan_layers'] = False
   if hf_checkpoint:
     return ModelConfig.from_hf(read_hf_config(hf_checkpoint), **over)
   _check(preset in PRESETS, f'model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)} or set '
