@@ -104,6 +104,35 @@ def test_full_logits_never_materialised_forward_or_backward():
   assert not any(len(s) >= 2 and np.prod(s) >= b * t * v for s in shapes), sorted(shapes)
 
 
+def _dot_operand_dtypes(jaxpr, acc):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      acc.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(sub, 'jaxpr', sub)
+        inner = getattr(inner, 'jaxpr', inner)
+        if hasattr(inner, 'eqns'):
+          _dot_operand_dtypes(inner, acc)
+  return acc
+
+
+def test_bf16_backward_matmuls_stay_bf16_and_match_float32():
+  """bf16 hidden states: every matmul of the chunked log-prob's forward and backward takes bf16 operands (no float32
+  cotangent x bf16 operand matmul), and the gradients match the float32 computation to bf16 accuracy."""
+  h, w, y, _, _ = _random(t=12, d=16, v=40)
+  f = lambda h, w: jnp.sum(lpm.token_stats_from_hidden(h, w, y, 4).logprobs * jnp.arange(12.0))
+  h16 = h.astype(jnp.bfloat16)
+  dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(h16, w).jaxpr, [])
+  assert len(dots) >= 3 and all(d == ('bfloat16', 'bfloat16') for d in dots), dots
+  g16 = jax.grad(f, argnums=(0, 1))(h16, w)
+  g32 = jax.grad(f, argnums=(0, 1))(h16.astype(jnp.float32), w)
+  assert g16[0].dtype == jnp.bfloat16 and g16[1].dtype == jnp.float32
+  for a, b in zip(g16, g32):
+    a, b = np.asarray(a, np.float32), np.asarray(b)
+    assert np.linalg.norm(a - b) <= 0.02 * np.linalg.norm(b)
+
+
 def test_response_slice_and_errors():
   hidden = jnp.arange(6.)[None, :, None]                  # positions 0..5 = Tp(3) + Tr(3)
   np.testing.assert_array_equal(lpm.response_slice(hidden, 3, 3)[0, :, 0], [2., 3., 4.])
