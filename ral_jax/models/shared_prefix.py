@@ -37,10 +37,16 @@ from ral_jax.models.rope import mrope_angles
 from ral_jax.models.text import DecoderLayer, normalize_layers, record_params, remat_policy, run_layers
 
 
+def samples_per_prompt(prompts: int, rows: int) -> int:
+  """G = rows / prompts for R = B*G response rows ordered b*G + g; a clear error when R is not a multiple of B."""
+  if rows % prompts:
+    raise ValueError(f'{rows} response rows are not a multiple of the {prompts} prompts (rows must be b*G + g)')
+  return rows // prompts
+
+
 def _check_shapes(h_p, pos_p, mask_p, h_r, pos_r, mask_r):
   (B, Tp, _), (R, Tr, _) = h_p.shape, h_r.shape
-  if R % B:
-    raise ValueError(f'{R} response rows are not a multiple of the {B} prompts (rows must be b*G + g)')
+  samples_per_prompt(B, R)
   for name, got, want in (('prompt positions', pos_p.shape, (3, B, Tp)), ('response positions', pos_r.shape,
                                                                           (3, R, Tr)),
                           ('prompt mask', mask_p.shape, (B, Tp)), ('response mask', mask_r.shape, (R, Tr))):

@@ -76,6 +76,7 @@ import jax.numpy as jnp
 
 from ral_jax.models.layers import DenseGeneral, Embed, RMSNorm, canon_dtype
 from ral_jax.models.rope import mrope_angles
+from ral_jax.models.shared_prefix import samples_per_prompt
 from ral_jax.models.text import DecoderLayer, TextModel
 from ral_jax.models.vision import VisionTower
 
@@ -166,19 +167,18 @@ class Qwen25VL(nn.Module):
     Returns ModelOutput with hidden [R,Tr,D] (or logits [R,Tr,V]) of the states predicting the response tokens
     (= `response_slice` of `__call__` on the concatenated rows) and record {layer: {'policy' [R,Rr,Tp+Tr], ...}}."""
     cfg = self.cfg
-    B, R = prompt_ids.shape[0], response_ids.shape[0]
-    if R % B:
-      raise ValueError(f'{R} response rows are not a multiple of the {B} prompts (rows must be b*G + g)')
+    R = response_ids.shape[0]
+    G = samples_per_prompt(prompt_ids.shape[0], R)
     h_p = self.model.embed(prompt_ids)
     h_r = self.model.embed(response_ids)
     if visual_embeds is not None:
       h_p = scatter_visual(h_p, prompt_ids, visual_embeds, cfg.image_token_id, cfg.video_token_id)
       # A response token with a vision pad id continues the prompt's count, exactly as in the full forward.
       is_vis = lambda ids: (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
-      seen = jnp.repeat(jnp.sum(is_vis(prompt_ids), axis=1, dtype=jnp.int32), R // B)            # [R]
+      seen = jnp.repeat(jnp.sum(is_vis(prompt_ids), axis=1, dtype=jnp.int32), G)            # [R]
       vr = is_vis(response_ids)
       k = jnp.clip(seen[:, None] + jnp.cumsum(vr.astype(jnp.int32), axis=1) - 1, 0, visual_embeds.shape[1] - 1)
-      b = (jnp.arange(R, dtype=jnp.int32) // (R // B))[:, None]
+      b = (jnp.arange(R, dtype=jnp.int32) // G)[:, None]
       h_r = jnp.where(vr[:, :, None], jnp.asarray(visual_embeds)[b, k].astype(h_r.dtype), h_r)
     hidden, record = self.model.shared_prefix(h_p, prompt_positions, prompt_mask, h_r, response_positions,
                                               response_mask, record_rows=record_rows,

@@ -298,7 +298,7 @@ class Checkpointer:
     page-locked for the process's life, as the first save makes it do anyway. No device memory is used (the
     buffers are filled from host zeros); the thread holds the GIL only to trace the finite check and to list the
     leaves, and waits for the runtime without it."""
-    if not (self.host_warmup and self.host_snapshot):
+    if not self.host_warmup:          # (only ever set together with host_snapshot)
       return None
     trees = [abstract_like(state)] + ([abstract_like(ref)] if ref is not None else [])
     if not any(_pinned(getattr(x, 'sharding', None)) for x in jax.tree.leaves(trees)):

@@ -190,16 +190,17 @@ class Trainer:
       if data is not None:
         data_state[name] = data.export_state()   # every host's position (a collective)
     meta = dict(extra, outer_step=outer, stage=stage, data_state=data_state)
-    saved_ref = None
     if stage == 'rl':
       meta['ref'] = self.ref_record
-      saved_ref = ref if self.ref_record['source'] == 'saved' else None   # else re-derived at restore
-    self.ckpt.save(outer, state, meta, ref=saved_ref, force=force)
+    self.ckpt.save(outer, state, meta, ref=self._saved_ref(stage, ref), force=force)
+
+  def _saved_ref(self, stage: str, ref):
+    """The reference an RL checkpoint holds: only a 'saved' one (else it is re-derived at restore); none in SFT."""
+    return ref if stage == 'rl' and (self.ref_record or {}).get('source') == 'saved' else None
 
   def _prepare_saves(self, stage: str, state, ref) -> None:
     """Starts the checkpointer's warm-up for what `_save` will save (`Checkpointer.prepare`)."""
-    saved_ref = ref if stage == 'rl' and (self.ref_record or {}).get('source') == 'saved' else None
-    self.ckpt.prepare(state, saved_ref)
+    self.ckpt.prepare(state, self._saved_ref(stage, ref))
 
   def evaluate(self, params, outer: int) -> Dict[str, float]:
     if not self.eval_batches:
