@@ -230,3 +230,53 @@ def test_config_errors_name_the_knob():
   from ral_jax.train.build import step_config
   sc = step_config(run, run.model, 'rl')
   assert sc.share_prompt and sc.group_size == c.rl.group_size
+
+
+def test_cast_once_matches_casting_at_every_use(step_problem):
+  """bf16 compute over float32 parameters: the layers cast once per step (compute_params) give the scores of the
+  per-use casts exactly and the same update; the embedding stays float32 and the new parameters keep their dtypes."""
+  import dataclasses
+  import optax
+  from ral_jax.models.vlm import compute_params
+  from ral_jax.rl.objective import RLBatch
+  from ral_jax.train import step as ts
+  from ral_jax.train.state import TrainState
+  cfg, x, r_ids, r_mask, params, ref = step_problem
+  cfg = cfg.replace(dtype='bfloat16')
+  view = compute_params(params, cfg)
+  assert {str(a.dtype) for a in jax.tree.leaves(view['model']['layers'])} == {'bfloat16'}
+  assert view['model']['embed_tokens']['embedding'].dtype == jnp.float32
+  assert compute_params(params, cfg.replace(dtype='float32')) is params
+  tx = optax.sgd(0.5)
+  adv = jnp.asarray(np.random.default_rng(3).normal(size=r_ids.shape[0]), jnp.float32)
+  res = {}
+  for once in (False, True):
+    sc = dataclasses.replace(_sc(cfg, False), cast_once=once)
+    old_lp, old_pol, ref_lp = jax.jit(lambda p, r: ts.score(sc, p, r, x, r_ids, need_ref=True))(params, ref)
+    batch = RLBatch(response_ids=r_ids, response_mask=r_mask, advantages=adv, old_logprobs=old_lp,
+                    ref_logprobs=ref_lp, old_policy=old_pol, key_mask=x.attention_mask)
+    state = TrainState.create(params, tx, jax.random.PRNGKey(0))
+    state, metrics = jax.jit(lambda s, b: ts.rl_update(sc, tx, s, x, b))(state, batch)
+    res[once] = (old_lp, old_pol, ref_lp, state.params, metrics)
+  (lp0, pol0, ref0, p0, m0), (lp1, pol1, ref1, p1, m1) = res[False], res[True]
+  for a, b in ((lp0, lp1), (pol0, pol1), (ref0, ref1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=0)
+  assert float(m0['skipped']) == 0
+  np.testing.assert_allclose(float(m1['grad_norm']), float(m0['grad_norm']), rtol=0.01)
+  for (path, a), b, p in zip(jax.tree_util.tree_leaves_with_path(p0), jax.tree.leaves(p1), jax.tree.leaves(params)):
+    assert b.dtype == p.dtype, jax.tree_util.keystr(path)
+    step0, step1 = np.asarray(a - p, np.float32), np.asarray(b - p, np.float32)
+    assert np.linalg.norm(step1 - step0) <= 0.02 * np.linalg.norm(step0) + 1e-7, jax.tree_util.keystr(path)
+
+
+def test_accumulation_of_compute_dtype_gradients_runs_in_float32():
+  """Gradients taken w.r.t. the bf16 view are summed over micro-batches in their parameters' float32 (a bf16 sum of
+  100 micro-batches of 1.0 + 2^-9 would round every step)."""
+  from ral_jax.train.step import _accumulate
+  params = {'w': jnp.ones((4,), jnp.float32)}
+  view = {'w': params['w'].astype(jnp.bfloat16)}
+  micro = jnp.full((100, 4), 1.0 + 2.0 ** -7, jnp.bfloat16)           # exactly representable in bf16
+  loss_fn = lambda p, mb: (jnp.sum((p['w'] * mb).astype(jnp.float32)), {})
+  _, g, _ = jax.jit(lambda v: _accumulate(loss_fn, v, micro, 100, grads_like=params))(view)
+  assert g['w'].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(g['w']), 100 * (1.0 + 2.0 ** -7), rtol=1e-6)

@@ -15,8 +15,8 @@ Two computations use the projected, rotated q and k:
   cfg.attention_impl: XLA on CPU, cuDNN on GPU when asked), softmax scale 1/sqrt(H); on TPU the full-sequence
   causal pass (training forward, scoring) goes through the Pallas flash-attention kernel instead
   (`tpu_flash_attention`), because XLA's TPU attention materialises [B,N,T,S] logits (163 GiB per device for the
-  paper's scoring pass); cfg.attention_impl='xla' turns that off; with cuDNN and a padding mask the pass rotates
-  each row's valid block to the front and uses the kernel's causal + sequence-length mode
+  paper's scoring pass); cfg.attention_impl='xla' turns that off; with cuDNN and a padding mask the pass packs
+  each row's valid tokens to the front and uses the kernel's causal + sequence-length mode
   (`packed_causal_attention`) instead of a dense bias;
 - the record (`Attention.record`, see `attention_record`), which recomputes q and k from the layer input
   (text.py keeps the recorded layers' inputs), so the layer stack itself never changes shape.
@@ -162,32 +162,47 @@ def packed_causal_attention(q, k, v, key_valid, q_slot, implementation):
   q [B,T,N,H], k/v [B,T,K,H], key_valid [B,T] bool, q_slot [B,T] (0..T-1). cuDNN turns a `mask` into a dense
   [B,1,T,S] bias and then computes every (query, key) block (no causal skipping; 14% slower forward + backward at
   Qwen2.5-VL-3B, 2816 tokens, H200); its fast path takes only a causal flag and per-row lengths of a valid *prefix*.
-  The trainer's sequences have one contiguous valid block per row (left-padded prompt, response, right padding), so
-  each row is rotated by its block start (valid tokens first), attended with is_causal + lengths, and rotated back:
-  the same visibility (key j seen by query t iff both are in the block and j <= t) with two gathers per call. A
-  mask that is not one block per row runs the masked computation instead (`lax.cond` on the whole batch), so the
-  result is never wrong. Outputs at padding slots are not defined (finite; never read)."""
+  So each row's valid tokens are packed to the front in their order (a stable partition: valid first, then padding),
+  attended with is_causal + lengths, and unpacked: a valid query at slot t sees exactly the valid keys j <= t, as
+  with the mask, for any mask (left / right padding, holes). q and k carry their rotary angles already, so the
+  packed order changes no score. No data-dependent control flow: one gather per operand and one for the output.
+  Outputs at padding slots are not defined (finite; never read)."""
   B, T = key_valid.shape
-  j = jnp.arange(T, dtype=jnp.int32)
-  length = jnp.sum(key_valid, axis=1, dtype=jnp.int32)
-  start = jnp.argmax(key_valid, axis=1).astype(jnp.int32)
-  block = (j[None, :] >= start[:, None]) & (j[None, :] < (start + length)[:, None])
-  one_block = jnp.all(block == key_valid)
+  valid = key_valid.astype(jnp.int32)
+  n_valid = jnp.sum(valid, axis=1, dtype=jnp.int32)
+  # packed slot of original slot j: valid tokens 0..n-1 in order, then the padding n..T-1 in order
+  back = jnp.where(key_valid, jnp.cumsum(valid, axis=1) - 1, n_valid[:, None] + jnp.cumsum(1 - valid, axis=1) - 1)
+  rows = jnp.arange(B, dtype=jnp.int32)[:, None]
+  fwd = jnp.zeros((B, T), jnp.int32).at[rows, back].set(jnp.arange(T, dtype=jnp.int32)[None, :],
+                                                          unique_indices=True)   # inverse permutation
+  n = jnp.maximum(n_valid, 1)                      # an all-padding row attends its first packed slot (finite)
+  pack = lambda x: permute_slots(x, fwd, back)
+  out = jax.nn.dot_product_attention(pack(q), pack(k), pack(v), is_causal=True,
+                                     query_seq_lengths=n, key_value_seq_lengths=n, implementation=implementation)
+  return permute_slots(out, back, fwd)
 
-  def packed(q, k, v):
-    take = lambda x, idx: jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
-    fwd = (start[:, None] + j[None, :]) % T          # packed slot i holds slot start + i
-    back = (j[None, :] - start[:, None]) % T
-    n = jnp.maximum(length, 1)                       # an all-padding row attends its first slot (finite)
-    out = jax.nn.dot_product_attention(take(q, fwd), take(k, fwd), take(v, fwd), is_causal=True,
-                                       query_seq_lengths=n, key_value_seq_lengths=n, implementation=implementation)
-    return take(out, back)
 
-  def masked(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, mask=visibility_mask(key_valid, q_slot),
-                                        implementation=implementation)
+@jax.custom_vjp
+def permute_slots(x, perm, inverse):
+  """x [B,T,...] -> x[b, perm[b, i]] for a per-row permutation `perm` [B,T] with inverse `inverse`. Its cotangent is
+  the inverse gather, not the scatter-add autodiff gives a gather (atomics; 0.4 s of the 3B update on an H200)."""
+  return _take_slots(x, perm)
 
-  return jax.lax.cond(one_block, packed, masked, q, k, v)
+
+def _take_slots(x, idx):
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _permute_fwd(x, perm, inverse):
+  return _take_slots(x, perm), (perm, inverse)
+
+
+def _permute_bwd(res, g):
+  perm, inverse = res
+  return _take_slots(g, inverse), None, None
+
+
+permute_slots.defvjp(_permute_fwd, _permute_bwd)
 
 
 def causal_attention(q, k, v, key_valid, q_slot, implementation):

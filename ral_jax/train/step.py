@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ral_jax.models.vlm import Qwen25VL, lm_head_kernel
+from ral_jax.models.vlm import Qwen25VL, compute_params, lm_head_kernel
 from ral_jax.rl.aggregation import masked_mean, masked_sum
 from ral_jax.rl.attention_loss import record_rows
 from ral_jax.rl.config import ObjectiveConfig
@@ -94,6 +94,7 @@ class StepConfig:
   ral_grad_share: bool = False    # also log ral/grad_share (one extra backward of the RAL term alone)
   share_prompt: bool = False      # RL passes compute each prompt once for its group (models/shared_prefix.py)
   group_size: int = 1             # G: > 1 makes the RL mini-/micro-batch and scoring splits keep whole groups
+  cast_once: bool = True          # passes read the layers cast once per step to the compute dtype (compute_params)
 
   def __post_init__(self):
     if self.share_prompt and self.group_size < 1:
@@ -150,6 +151,7 @@ def score(sc: StepConfig, params, ref_params, x: ModelInputs, response_ids, need
     return out
 
   g = sc.group_size
+  params, ref_params = (p if p is None else _compute_view(sc, p) for p in (params, ref_params))
   out = merge_rows(jax.lax.map(one, split_rows((x, response_ids), sc.score_micro_batches, g,
                                                'rl.score_micro_batches')), g)
   out = jax.lax.stop_gradient(out)
@@ -171,14 +173,22 @@ def constrain(tree, shardings):
   return jax.tree.map(lambda x, s: x if x is None else jax.lax.with_sharding_constraint(x, s), tree, shardings)
 
 
-def _accumulate(loss_fn: Callable, params, micro, n_micro: int, grad_shardings=None):
+def _compute_view(sc: StepConfig, params):
+  return compute_params(params, sc.model_cfg) if sc.cast_once else params
+
+
+def _accumulate(loss_fn: Callable, params, micro, n_micro: int, grad_shardings=None, grads_like=None):
   """Sum of the micro-batch losses and gradients (each micro-batch loss is already normalised by the whole
   mini-batch's denominator, so the sum is the mini-batch loss exactly); metrics: loss parts summed, others
-  averaged. Every gradient (and the scan's accumulator) is pinned to `grad_shardings` (the parameters')."""
+  averaged. Every gradient (and the scan's accumulator) is pinned to `grad_shardings` (the parameters') and cast
+  to the dtype of its leaf in `grads_like` (the float32 parameters when `params` is their compute-dtype view:
+  the sum runs in float32, and the cast is the exact transpose of compute_params' cast)."""
   vg = jax.value_and_grad(loss_fn, has_aux=True)
 
   def grad_fn(p, mb):
     (l, m), g = vg(p, mb)
+    if grads_like is not None:
+      g = jax.tree.map(lambda a, b: a.astype(b.dtype), g, grads_like)
     return (l, m), constrain(g, grad_shardings)
 
   first = lambda m: jax.tree.map(lambda v: v[0], m)
@@ -200,8 +210,9 @@ def _accumulate(loss_fn: Callable, params, micro, n_micro: int, grad_shardings=N
 def _ral_grad_share(loss_fn, params, micro, grads, lambda_attn: float):
   """|grad(lambda_attn * L_RAL)| / |grad L| (global norms, before clipping) on the first micro-batch."""
   first = jax.tree.map(lambda v: v[0], micro)
-  g_ral = jax.grad(lambda p: lambda_attn * loss_fn(p, first)[1]['ral/loss'])(params)
-  g_all = grads if jax.tree.leaves(micro)[0].shape[0] == 1 else jax.grad(lambda p: loss_fn(p, first)[0])(params)
+  f32 = lambda g: jax.tree.map(lambda x: x.astype(jnp.float32), g)        # (params may be the compute-dtype view)
+  g_ral = f32(jax.grad(lambda p: lambda_attn * loss_fn(p, first)[1]['ral/loss'])(params))
+  g_all = grads if jax.tree.leaves(micro)[0].shape[0] == 1 else f32(jax.grad(lambda p: loss_fn(p, first)[0])(params))
   return optax.tree.norm(g_ral) / jnp.maximum(optax.tree.norm(g_all), 1e-30)
 
 
@@ -233,9 +244,10 @@ def rl_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, batch: RLBa
                               None if th is None else teacher_kernel, denominators=den)
 
     micro = split_rows(mb, sc.micro_batches, sc.group_size, 'rl.micro_batches')
-    loss, grads, metrics = _accumulate(loss_fn, st.params, micro, sc.micro_batches, grad_sh)
+    params = _compute_view(sc, st.params)
+    loss, grads, metrics = _accumulate(loss_fn, params, micro, sc.micro_batches, grad_sh, grads_like=st.params)
     if sc.ral_grad_share:
-      metrics = dict(metrics, **{'ral/grad_share': _ral_grad_share(loss_fn, st.params, micro, grads,
+      metrics = dict(metrics, **{'ral/grad_share': _ral_grad_share(loss_fn, params, micro, grads,
                                                                     obj.ral.lambda_attn)})
     st, metrics = _guarded_apply(st, tx, loss, grads, dict(metrics, loss=loss))
     return constrain(st, shardings), metrics
@@ -271,8 +283,8 @@ def sft_update(sc: StepConfig, tx, state: TrainState, x: ModelInputs, response_i
     return loss, {'token_p50': masked_mean((lp > jnp.log(0.5)).astype(jnp.float32), mask)}
 
   micro = split_rows((x, response_ids, response_mask), sc.sft_micro_batches)
-  loss, grads, metrics = _accumulate(loss_fn, state.params, micro, sc.sft_micro_batches,
-                                     None if shardings is None else shardings.params)
+  loss, grads, metrics = _accumulate(loss_fn, _compute_view(sc, state.params), micro, sc.sft_micro_batches,
+                                     None if shardings is None else shardings.params, grads_like=state.params)
   state, metrics = _guarded_apply(state, tx, loss, grads, dict(metrics, loss=loss))
   state = constrain(state, shardings)
   metrics['tokens'] = jnp.sum(response_mask).astype(jnp.float32)
