@@ -21,8 +21,7 @@ def _masked(q, k, v, valid):
 
 
 def _packed(q, k, v, valid):
-  slot = jnp.broadcast_to(jnp.arange(T), (B, T))
-  return packed_causal_attention(q, k, v, valid, slot, 'xla')
+  return packed_causal_attention(q, k, v, valid, 'xla')
 
 
 def _blocks():

@@ -156,10 +156,10 @@ def attend_shared_prefix(q, prompt_k, prompt_v, prompt_valid, k, v, valid):
   return out.astype(v.dtype).transpose(0, 2, 1, 3, 4).reshape(R, 1, N, H)
 
 
-def packed_causal_attention(q, k, v, key_valid, q_slot, implementation):
+def packed_causal_attention(q, k, v, key_valid, implementation):
   """Causal attention under a key padding mask through the fused kernel's sequence-length mode, not a bias.
 
-  q [B,T,N,H], k/v [B,T,K,H], key_valid [B,T] bool, q_slot [B,T] (0..T-1). cuDNN turns a `mask` into a dense
+  q [B,T,N,H], k/v [B,T,K,H], key_valid [B,T] bool (queries at slots 0..T-1). cuDNN turns a `mask` into a dense
   [B,1,T,S] bias and then computes every (query, key) block (no causal skipping; 14% slower forward + backward at
   Qwen2.5-VL-3B, 2816 tokens, H200); its fast path takes only a causal flag and per-row lengths of a valid *prefix*.
   So each row's valid tokens are packed to the front in their order (a stable partition: valid first, then padding),
@@ -185,7 +185,8 @@ def packed_causal_attention(q, k, v, key_valid, q_slot, implementation):
 @jax.custom_vjp
 def permute_slots(x, perm, inverse):
   """x [B,T,...] -> x[b, perm[b, i]] for a per-row permutation `perm` [B,T] with inverse `inverse`. Its cotangent is
-  the inverse gather, not the scatter-add autodiff gives a gather (atomics; 0.4 s of the 3B update on an H200)."""
+  the inverse gather, not the scatter-add that autodiff makes of a gather's transpose (atomics; 0.4 s of the 3B
+  update on an H200)."""
   return _take_slots(x, perm)
 
 
@@ -215,7 +216,7 @@ def causal_attention(q, k, v, key_valid, q_slot, implementation):
   if key_valid is None or implementation != 'cudnn':
     mask = None if key_valid is None else key_valid[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
-  return packed_causal_attention(q, k, v, key_valid, q_slot, implementation)
+  return packed_causal_attention(q, k, v, key_valid, implementation)
 
 
 def prefix_response_attention(q, prompt_k, prompt_v, prompt_valid, k, v, valid, implementation):
