@@ -169,25 +169,29 @@ def _sc(cfg, share: bool):
                     score_micro_batches=2, share_prompt=share, group_size=G)
 
 
-def test_score_and_update_equal_the_full_forward(step_problem):
-  """Same whole-group splits; share_prompt only changes how the forward is computed: same scores, same update."""
+def _score_and_update(sc, problem, adv):
+  """The trainer's scoring pass, then one rl_update (SGD 0.5) from it: (old log-probs, old policy, reference
+  log-probs, new parameters, metrics)."""
   import optax
   from ral_jax.rl.objective import RLBatch
   from ral_jax.train import step as ts
   from ral_jax.train.state import TrainState
-  cfg, x, r_ids, r_mask, params, ref = step_problem
+  _, x, r_ids, r_mask, params, ref = problem
   tx = optax.sgd(0.5)
+  old_lp, old_pol, ref_lp = jax.jit(lambda p, r: ts.score(sc, p, r, x, r_ids, need_ref=True))(params, ref)
+  batch = RLBatch(response_ids=r_ids, response_mask=r_mask, advantages=adv, old_logprobs=old_lp,
+                  ref_logprobs=ref_lp, old_policy=old_pol, key_mask=x.attention_mask)
+  state = TrainState.create(params, tx, jax.random.PRNGKey(0))
+  state, metrics = jax.jit(lambda s, b: ts.rl_update(sc, tx, s, x, b))(state, batch)
+  return old_lp, old_pol, ref_lp, state.params, metrics
+
+
+def test_score_and_update_equal_the_full_forward(step_problem):
+  """Same whole-group splits; share_prompt only changes how the forward is computed: same scores, same update."""
+  cfg, _, r_ids, _, params, _ = step_problem
   adv = jnp.asarray(np.random.default_rng(2).normal(size=r_ids.shape[0]), jnp.float32)
-  res = {}
-  for share in (False, True):
-    sc = _sc(cfg, share)
-    old_lp, old_pol, ref_lp = jax.jit(lambda p, r: ts.score(sc, p, r, x, r_ids, need_ref=True))(params, ref)
-    batch = RLBatch(response_ids=r_ids, response_mask=r_mask, advantages=adv, old_logprobs=old_lp,
-                    ref_logprobs=ref_lp, old_policy=old_pol, key_mask=x.attention_mask)
-    state = TrainState.create(params, tx, jax.random.PRNGKey(0))
-    state, metrics = jax.jit(lambda s, b: ts.rl_update(sc, tx, s, x, b))(state, batch)
-    res[share] = (old_lp, old_pol, ref_lp, state.params, metrics)
-  (lp0, pol0, ref0, p0, m0), (lp1, pol1, ref1, p1, m1) = res[False], res[True]
+  (lp0, pol0, ref0, p0, m0), (lp1, pol1, ref1, p1, m1) = (
+      _score_and_update(_sc(cfg, share), step_problem, adv) for share in (False, True))
   for a, b in ((lp0, lp1), (pol0, pol1), (ref0, ref1)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
   assert float(m0['skipped']) == 0 and abs(float(m0['last/ral/jsd'])) > 0   # 2nd step: p_theta != p_old
@@ -235,30 +239,17 @@ def test_config_errors_name_the_knob():
 def test_cast_once_matches_casting_at_every_use(step_problem):
   """bf16 compute over float32 parameters: the layers cast once per step (compute_params) give the scores of the
   per-use casts exactly and the same update; the embedding stays float32 and the new parameters keep their dtypes."""
-  import dataclasses
-  import optax
   from ral_jax.models.vlm import compute_params
-  from ral_jax.rl.objective import RLBatch
-  from ral_jax.train import step as ts
-  from ral_jax.train.state import TrainState
-  cfg, x, r_ids, r_mask, params, ref = step_problem
+  cfg, _, r_ids, _, params, _ = step_problem
   cfg = cfg.replace(dtype='bfloat16')
   view = compute_params(params, cfg)
   assert {str(a.dtype) for a in jax.tree.leaves(view['model']['layers'])} == {'bfloat16'}
   assert view['model']['embed_tokens']['embedding'].dtype == jnp.float32
   assert compute_params(params, cfg.replace(dtype='float32')) is params
-  tx = optax.sgd(0.5)
   adv = jnp.asarray(np.random.default_rng(3).normal(size=r_ids.shape[0]), jnp.float32)
-  res = {}
-  for once in (False, True):
-    sc = dataclasses.replace(_sc(cfg, False), cast_once=once)
-    old_lp, old_pol, ref_lp = jax.jit(lambda p, r: ts.score(sc, p, r, x, r_ids, need_ref=True))(params, ref)
-    batch = RLBatch(response_ids=r_ids, response_mask=r_mask, advantages=adv, old_logprobs=old_lp,
-                    ref_logprobs=ref_lp, old_policy=old_pol, key_mask=x.attention_mask)
-    state = TrainState.create(params, tx, jax.random.PRNGKey(0))
-    state, metrics = jax.jit(lambda s, b: ts.rl_update(sc, tx, s, x, b))(state, batch)
-    res[once] = (old_lp, old_pol, ref_lp, state.params, metrics)
-  (lp0, pol0, ref0, p0, m0), (lp1, pol1, ref1, p1, m1) = res[False], res[True]
+  (lp0, pol0, ref0, p0, m0), (lp1, pol1, ref1, p1, m1) = (
+      _score_and_update(dataclasses.replace(_sc(cfg, False), cast_once=once), step_problem, adv)
+      for once in (False, True))
   for a, b in ((lp0, lp1), (pol0, pol1), (ref0, ref1)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=0)
   assert float(m0['skipped']) == 0
@@ -271,7 +262,7 @@ def test_cast_once_matches_casting_at_every_use(step_problem):
 
 def test_accumulation_of_compute_dtype_gradients_runs_in_float32():
   """Gradients taken w.r.t. the bf16 view are summed over micro-batches in their parameters' float32 (a bf16 sum of
-  100 micro-batches of 1.0 + 2^-9 would round every step)."""
+  100 micro-batches of 1.0 + 2^-7 rounds once it passes 32)."""
   from ral_jax.train.step import _accumulate
   params = {'w': jnp.ones((4,), jnp.float32)}
   view = {'w': params['w'].astype(jnp.bfloat16)}
